@@ -1,0 +1,1 @@
+"""Edge-of-Stability curvature tools for PyTorch Lightning."""
