@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_eos.callbacks._probe_set import ProbeSet, draw_probe_set
 from lightning_eos.curvature.objective import ProbeObjective
@@ -95,6 +96,7 @@ class CurvatureCallback(Callback):
 
     # -- hooks -----------------------------------------------------------------------
 
+    @override
     def setup(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> None:
@@ -129,6 +131,7 @@ class CurvatureCallback(Callback):
                 "chunks. Use mode='eval'."
             )
 
+    @override
     def on_train_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
@@ -149,12 +152,14 @@ class CurvatureCallback(Callback):
                 "dropout",
                 f"{type(self).__name__} probes the module in train mode with dropout: "
                 "each measurement fixes one dropout mask per chunk, so it measures the "
-                "Hessian of one sampled loss. Use mode='eval' to measure without dropout.",
+                "Hessian of one sampled loss. Use mode='eval' to measure without "
+                "dropout.",
             )
         self._last_seen_step = trainer.global_step
         if trainer.global_step != self._last_measured_step:
             self._measure(trainer, pl_module)
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -170,7 +175,7 @@ class CurvatureCallback(Callback):
         if step % self.every_n_steps == 0:
             self._measure(trainer, pl_module)
 
-    # -- what subclasses implement -----------------------------------------------------
+    # -- what subclasses implement ----------------------------------------------------
 
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -178,7 +183,7 @@ class CurvatureCallback(Callback):
         """Measure at the current parameters; return the scalars to log."""
         raise NotImplementedError
 
-    # -- services for subclasses ---------------------------------------------------------
+    # -- services for subclasses ------------------------------------------------------
 
     def objective(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -235,6 +240,7 @@ class CurvatureCallback(Callback):
 
     # -- checkpoint state -------------------------------------------------------------
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "generator": self.generator.get_state(),
@@ -242,12 +248,13 @@ class CurvatureCallback(Callback):
             "last_measured_step": self._last_measured_step,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.generator.set_state(state_dict["generator"])
         self._restored_indices = state_dict["probe_indices"]
         self._last_measured_step = state_dict["last_measured_step"]
 
-    # -- internals ----------------------------------------------------------------------
+    # -- internals --------------------------------------------------------------------
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = self.measure(trainer, pl_module)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_eos.callbacks._base import CurvatureCallback
 from lightning_eos.curvature.hessian import HessianOperator
@@ -118,7 +119,7 @@ class SharpnessMonitor(CurvatureCallback):
         >>> from lightning.pytorch import Trainer
         >>> from lightning_eos.callbacks import SharpnessMonitor
         >>> from lightning_eos.losses import half_squared_error
-        >>> monitor = SharpnessMonitor(k=2, every_n_steps=10, loss_fn=half_squared_error)
+        >>> monitor = SharpnessMonitor(k=2, loss_fn=half_squared_error)
         >>> trainer = Trainer(callbacks=[monitor], max_steps=100)  # doctest: +SKIP
 
     References:
@@ -157,7 +158,8 @@ class SharpnessMonitor(CurvatureCallback):
             or extra_vectors < 0
         ):
             raise ValueError(
-                f"`extra_vectors` must be an integer of at least 0, got {extra_vectors!r}."
+                "`extra_vectors` must be an integer of at least 0, got "
+                f"{extra_vectors!r}."
             )
         self.k = k
         self.tol = float(tol)
@@ -169,9 +171,11 @@ class SharpnessMonitor(CurvatureCallback):
         self._threshold = StabilityThreshold(None, reason="no optimizer step yet")
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(k=self.k, every_n_steps=self.every_n_steps)
 
+    @override
     def setup(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> None:
@@ -184,6 +188,7 @@ class SharpnessMonitor(CurvatureCallback):
                 f"`k` = {self.k} exceeds the number of trainable parameters ({count})."
             )
 
+    @override
     def on_train_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
@@ -201,6 +206,7 @@ class SharpnessMonitor(CurvatureCallback):
         self._threshold = self._optimizer_threshold(trainer)
         super().on_train_start(trainer, pl_module)
 
+    @override
     def on_train_batch_start(
         self,
         trainer: pl.Trainer,
@@ -212,6 +218,7 @@ class SharpnessMonitor(CurvatureCallback):
         # rate by the time on_train_batch_end runs.
         self._threshold = self._optimizer_threshold(trainer)
 
+    @override
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> dict[str, float]:
@@ -240,7 +247,8 @@ class SharpnessMonitor(CurvatureCallback):
         if result.finite and not result.converged:
             self.warn_once(
                 "unconverged",
-                f"SharpnessMonitor: Lanczos stopped after {result.num_iterations} steps "
+                "SharpnessMonitor: Lanczos stopped after "
+                f"{result.num_iterations} steps "
                 f"at step {step} with relative residuals above tol={self.tol} "
                 f"(largest {float(result.residuals.max()):.2e}); raise max_iter for "
                 "accurate values.",
@@ -250,7 +258,8 @@ class SharpnessMonitor(CurvatureCallback):
         if threshold is None:
             self.warn_once(
                 "threshold",
-                f"SharpnessMonitor logs no stability threshold: {self._threshold.reason}.",
+                "SharpnessMonitor logs no stability threshold: "
+                f"{self._threshold.reason}.",
             )
         self.history.append(
             SharpnessRecord(
@@ -265,11 +274,13 @@ class SharpnessMonitor(CurvatureCallback):
             metrics["sharpness/ratio"] = eigenvalues[0] / threshold
         return metrics
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["vectors"] = None if self._vectors is None else self._vectors.cpu()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._vectors = state_dict["vectors"]

@@ -57,9 +57,11 @@ def concat_batches(batches: Sequence[Any]) -> Any:
     if isinstance(head, Tensor):
         return torch.cat(list(batches)) if head.dim() > 0 else head
     if isinstance(head, tuple) and hasattr(head, "_fields"):
-        return type(head)(*(concat_batches(items) for items in zip(*batches)))
+        return type(head)(
+            *(concat_batches(items) for items in zip(*batches, strict=True))
+        )
     if isinstance(head, (list, tuple)):
-        return type(head)(concat_batches(items) for items in zip(*batches))
+        return type(head)(concat_batches(items) for items in zip(*batches, strict=True))
     if isinstance(head, Mapping):
         return type(head)(
             {key: concat_batches([b[key] for b in batches]) for key in head}

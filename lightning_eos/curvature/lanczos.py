@@ -39,6 +39,7 @@ class DenseOperator:
         self.num_products = 0
 
     def matmat(self, vectors: Tensor) -> Tensor:
+        """Return the products with the rows of a ``(b, dim)`` tensor."""
         self.num_products += vectors.shape[0]
         return vectors @ self.matrix.T
 
@@ -279,7 +280,8 @@ def lanczos(
         init = init.reshape(-1, dim) if init.dim() == 1 else init
         if init.dim() != 2 or init.shape[1] != dim:
             raise ValueError(
-                f"`init` must have shape (n, {dim}) or ({dim},), got {tuple(init.shape)}."
+                f"`init` must have shape (n, {dim}) or ({dim},), got "
+                f"{tuple(init.shape)}."
             )
         start = init[:block].to(dtype=dtype, device=device)
     if start.shape[0] < block:

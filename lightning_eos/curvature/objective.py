@@ -45,7 +45,8 @@ def criterion_loss(loss_fn: LossFn) -> BatchLoss:
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             raise ValueError(
                 "loss_fn expects batches of the form (inputs, targets, ...); got a "
-                f"{type(batch).__name__}. Define a batch loss instead for other batches."
+                f"{type(batch).__name__}. Give a batch loss instead for other "
+                "batches."
             )
         return loss_fn(module(batch[0]), batch[1])
 
@@ -204,7 +205,8 @@ class ProbeObjective:
         lead = flat.shape[:-1]
         pieces = torch.split(flat, self.numels, dim=-1)
         return [
-            piece.reshape(*lead, *shape) for piece, shape in zip(pieces, self.shapes)
+            piece.reshape(*lead, *shape)
+            for piece, shape in zip(pieces, self.shapes, strict=True)
         ]
 
     @staticmethod
@@ -228,9 +230,11 @@ class ProbeObjective:
             if isinstance(flat_point, Tensor)
             else list(flat_point)
         )
-        variables = {f"module.{n}": t for n, t in zip(self.names, tensors)}
+        variables = {f"module.{n}": t for n, t in zip(self.names, tensors, strict=True)}
         frozen, buffers = self._constants()
-        for index, (chunk, size) in enumerate(zip(self.chunks, self.local_sizes)):
+        for index, (chunk, size) in enumerate(
+            zip(self.chunks, self.local_sizes, strict=True)
+        ):
             batch = cast_floating(chunk, self._cast)
             weight = size / self.num_examples if self.reduction == "mean" else 1.0
             # Fresh copies of the buffers for every chunk: a layer that updates its
@@ -255,7 +259,7 @@ class ProbeObjective:
             yield weight * loss
 
     def loss(self, flat_point: Tensor | None = None) -> float:
-        """L(θ) at ``flat_point`` (the module's parameters by default), summed over ranks."""
+        """L(θ) at ``flat_point`` (default: the module's parameters), all processes."""
         point = self.point() if flat_point is None else flat_point
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         with torch.no_grad():
@@ -276,7 +280,11 @@ class ProbeObjective:
         return [params[name] for name in self.names]
 
     def _constants(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Frozen parameters and buffers, cast to the probe type, keyed for the wrapper."""
+        """Frozen parameters and buffers, cast to the probe type, keyed for the wrapper.
+
+        Returns:
+            The frozen parameters and the buffers, as two dictionaries.
+        """
         trainable = set(self.names)
         frozen = {
             f"module.{name}": self._cast_constant(p)

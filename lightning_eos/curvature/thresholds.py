@@ -51,7 +51,7 @@ _ADAPTIVE = (
 
 @dataclass(frozen=True)
 class StabilityThreshold:
-    """A threshold on the sharpness, or the reason why there is none.
+    r"""A threshold on the sharpness, or the reason why there is none.
 
     Attributes:
         value: The threshold on :math:`\\lambda_1(H)`, or ``None``.

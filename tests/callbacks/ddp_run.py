@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_eos.callbacks import SharpnessMonitor  # noqa: E402
-from tests.callbacks.modules import (  # noqa: E402
+from lightning_eos.callbacks import SharpnessMonitor
+from tests.callbacks.modules import (
     Regressor,
     half_squared_error,
     loader,
@@ -26,7 +25,11 @@ def main(output: str, devices: int) -> None:
     module = Regressor(lr=0.2)
     # 33 probe examples: the shards hold 17 and 16 examples, i.e. 2 and 1 chunks.
     monitor = SharpnessMonitor(
-        k=2, every_n_steps=3, probe_size=33, chunk_size=16, tol=1e-10,
+        k=2,
+        every_n_steps=3,
+        probe_size=33,
+        chunk_size=16,
+        tol=1e-10,
         loss_fn=half_squared_error,
     )
     trainer = pl.Trainer(

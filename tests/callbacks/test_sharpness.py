@@ -28,7 +28,10 @@ def dense_top_eigenvalues(module, dataset, k):
     inputs, targets = dataset.tensors
 
     def loss(theta):
-        params = {n: t.reshape(s) for n, t, s in zip(names, torch.split(theta, sizes), shapes)}
+        params = {
+            n: t.reshape(s)
+            for n, t, s in zip(names, torch.split(theta, sizes), shapes, strict=True)
+        }
         return half_squared_error(functional_call(module, params, (inputs,)), targets)
 
     theta = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
@@ -48,7 +51,9 @@ def fit(tmp_path, module, callbacks, steps, dataset=None, **kwargs):
 def test_measures_on_schedule_and_matches_dense_hessian(tmp_path):
     torch.manual_seed(0)
     module = Regressor(lr=0.05)
-    monitor = SharpnessMonitor(k=3, every_n_steps=5, loss_fn=half_squared_error, tol=1e-10)
+    monitor = SharpnessMonitor(
+        k=3, every_n_steps=5, loss_fn=half_squared_error, tol=1e-10
+    )
     fit(tmp_path, module, [monitor], steps=20)
 
     assert [r.step for r in monitor.history] == [0, 5, 10, 15, 20]
@@ -56,7 +61,10 @@ def test_measures_on_schedule_and_matches_dense_hessian(tmp_path):
     final = monitor.history[-1]
     expected = dense_top_eigenvalues(module, regression_data(), 3)
     torch.testing.assert_close(
-        torch.tensor(final.eigenvalues, dtype=torch.float64), expected, rtol=1e-8, atol=0
+        torch.tensor(final.eigenvalues, dtype=torch.float64),
+        expected,
+        rtol=1e-8,
+        atol=0,
     )
     assert final.threshold == pytest.approx(2 / 0.05)
 
@@ -67,7 +75,9 @@ def test_curvature_loss_method_is_used_without_loss_fn(tmp_path):
     monitor = SharpnessMonitor(k=1, every_n_steps=5, tol=1e-10)
     fit(tmp_path, with_method, [monitor], steps=5)
     expected = dense_top_eigenvalues(with_method, regression_data(), 1)
-    assert monitor.history[-1].eigenvalues[0] == pytest.approx(expected.item(), rel=1e-8)
+    assert monitor.history[-1].eigenvalues[0] == pytest.approx(
+        expected.item(), rel=1e-8
+    )
 
 
 def test_probe_subset_and_chunks(tmp_path):
@@ -80,7 +90,9 @@ def test_probe_subset_and_chunks(tmp_path):
     assert [len(chunk[0]) for chunk in monitor.probe.chunks] == [16, 16, 8]
     assert len(set(monitor.probe.indices.tolist())) == 40
 
-    whole = SharpnessMonitor(every_n_steps=5, probe_size=1000, loss_fn=half_squared_error)
+    whole = SharpnessMonitor(
+        every_n_steps=5, probe_size=1000, loss_fn=half_squared_error
+    )
     fit(tmp_path, Regressor(), [whole], steps=1)
     assert whole.probe.size == 64
 
@@ -90,10 +102,12 @@ def test_iterable_dataset_gives_first_examples(tmp_path):
 
     class Stream(IterableDataset):
         def __iter__(self):
-            yield from zip(*data.tensors)
+            yield from zip(*data.tensors, strict=True)
 
     torch.manual_seed(0)
-    monitor = SharpnessMonitor(every_n_steps=5, probe_size=20, chunk_size=8, loss_fn=half_squared_error)
+    monitor = SharpnessMonitor(
+        every_n_steps=5, probe_size=20, chunk_size=8, loss_fn=half_squared_error
+    )
     run = trainer(tmp_path, [monitor], 1)
     run.fit(Regressor(), DataLoader(Stream(), batch_size=16))
     assert monitor.probe.size == 20 and monitor.probe.indices is None
@@ -101,7 +115,7 @@ def test_iterable_dataset_gives_first_examples(tmp_path):
 
 
 class Snapshot(Callback):
-    """Records, before and after the monitor's hook, what a measurement must not change."""
+    """What a measurement must not change, recorded before and after it."""
 
     def __init__(self):
         self.equal = []
@@ -111,7 +125,9 @@ class Snapshot(Callback):
         optimizer = trainer.optimizers[0]
         return {
             "params": [p.detach().clone() for p in module.parameters()],
-            "grads": [None if p.grad is None else p.grad.clone() for p in module.parameters()],
+            "grads": [
+                None if p.grad is None else p.grad.clone() for p in module.parameters()
+            ],
             "buffers": [b.clone() for b in module.buffers()],
             "optimizer": [
                 {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
@@ -129,7 +145,9 @@ def equal_states(a, b):
         if isinstance(x, dict):
             return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
         if isinstance(x, list):
-            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+            return len(x) == len(y) and all(
+                same(u, v) for u, v in zip(x, y, strict=True)
+            )
         return x == y
 
     return {key: same(a[key], b[key]) for key in a}
@@ -140,7 +158,9 @@ def equal_states(a, b):
 def test_measurement_changes_nothing(tmp_path, mode):
     torch.manual_seed(0)
     module = Regressor(momentum=0.9, batch_norm=True, dropout=0.2)
-    monitor = SharpnessMonitor(every_n_steps=1000, mode=mode, loss_fn=half_squared_error)
+    monitor = SharpnessMonitor(
+        every_n_steps=1000, mode=mode, loss_fn=half_squared_error
+    )
     run = fit(tmp_path, module, [monitor], steps=3, batch_size=16)
     module.net[0].eval()  # a mix of train and eval flags
     for p in module.parameters():
@@ -167,14 +187,20 @@ def train_losses(tmp_path, callbacks, **module_kwargs):
 def test_training_is_bit_identical_with_and_without_monitor(tmp_path, mode):
     options = {"momentum": 0.9, "batch_norm": True, "dropout": 0.3}
     losses, params, _ = train_losses(tmp_path, [], **options)
-    monitor = SharpnessMonitor(k=2, every_n_steps=3, probe_size=30, chunk_size=16,
-                               mode=mode, loss_fn=half_squared_error)
+    monitor = SharpnessMonitor(
+        k=2,
+        every_n_steps=3,
+        probe_size=30,
+        chunk_size=16,
+        mode=mode,
+        loss_fn=half_squared_error,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         monitored, monitored_params, _ = train_losses(tmp_path, [monitor], **options)
     assert len(monitor.history) == 9
     assert losses == monitored
-    assert all(torch.equal(a, b) for a, b in zip(params, monitored_params))
+    assert all(torch.equal(a, b) for a, b in zip(params, monitored_params, strict=True))
 
 
 def test_dropout_warns_once_in_train_mode(tmp_path):
@@ -210,8 +236,13 @@ def test_threshold_pairs_with_the_learning_rate_that_made_the_step(tmp_path):
     class Scheduled(Regressor):
         def configure_optimizers(self):
             optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: 1 / (1 + s)
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step"},
+            }
 
     monitor = SharpnessMonitor(every_n_steps=1, loss_fn=half_squared_error)
     fit(tmp_path, Scheduled(), [monitor], steps=4, batch_size=16)
@@ -234,7 +265,14 @@ def test_adam_logs_no_threshold_and_says_why_once(tmp_path):
 
 def test_gradient_accumulation_measures_at_optimizer_steps(tmp_path):
     monitor = SharpnessMonitor(every_n_steps=2, loss_fn=half_squared_error)
-    fit(tmp_path, Regressor(), [monitor], steps=6, batch_size=16, accumulate_grad_batches=2)
+    fit(
+        tmp_path,
+        Regressor(),
+        [monitor],
+        steps=6,
+        batch_size=16,
+        accumulate_grad_batches=2,
+    )
     assert [r.step for r in monitor.history] == [0, 2, 4, 6]
 
 
@@ -255,13 +293,22 @@ def test_non_finite_loss_is_logged_and_warned_once(tmp_path):
     assert run.global_step == 10
     assert sum("not finite" in str(w.message) for w in record) == 1
     values = [r.eigenvalues[0] for r in monitor.history]
-    assert [math.isfinite(v) for v in values] == [True, True, False, False, False, False]
+    assert [math.isfinite(v) for v in values] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
     assert math.isnan(module.losses[-1])
 
 
 def test_unconverged_measurement_warns(tmp_path):
     torch.manual_seed(0)
-    monitor = SharpnessMonitor(every_n_steps=1, tol=1e-12, max_iter=1, loss_fn=half_squared_error)
+    monitor = SharpnessMonitor(
+        every_n_steps=1, tol=1e-12, max_iter=1, loss_fn=half_squared_error
+    )
     with pytest.warns(UserWarning, match="Lanczos stopped after 1 steps"):
         fit(tmp_path, Regressor(width=32), [monitor], steps=1)
     assert not monitor.history[0].converged
@@ -271,7 +318,10 @@ def test_unconverged_measurement_warns(tmp_path):
     ("kwargs", "message"),
     [
         ({"k": 0}, "`k` must be an integer of at least 1, got 0"),
-        ({"every_n_steps": 0}, "`every_n_steps` must be an integer of at least 1, got 0"),
+        (
+            {"every_n_steps": 0},
+            "`every_n_steps` must be an integer of at least 1, got 0",
+        ),
         ({"probe_size": 0}, "`probe_size` must be an integer of at least 1, got 0"),
         ({"chunk_size": -1}, "`chunk_size` must be an integer of at least 1, got -1"),
         ({"tol": 0}, r"`tol` must be a number in \(0, 1\), got 0"),
@@ -297,13 +347,22 @@ def test_module_without_trainable_parameters(tmp_path):
 
 
 def test_no_way_to_compute_the_loss(tmp_path):
-    with pytest.raises(MisconfigurationException, match="pass `loss_fn=`.*curvature_loss"):
+    with pytest.raises(
+        MisconfigurationException, match=r"pass `loss_fn=`.*curvature_loss"
+    ):
         fit(tmp_path, Regressor(), [SharpnessMonitor()], steps=1)
 
 
 def test_k_larger_than_parameter_count(tmp_path):
-    with pytest.raises(ValueError, match="`k` = 500 exceeds the number of trainable parameters"):
-        fit(tmp_path, Regressor(), [SharpnessMonitor(k=500, loss_fn=half_squared_error)], steps=1)
+    with pytest.raises(
+        ValueError, match="`k` = 500 exceeds the number of trainable parameters"
+    ):
+        fit(
+            tmp_path,
+            Regressor(),
+            [SharpnessMonitor(k=500, loss_fn=half_squared_error)],
+            steps=1,
+        )
 
 
 def test_probe_set_that_cannot_be_drawn(tmp_path):
@@ -315,7 +374,9 @@ def test_probe_set_that_cannot_be_drawn(tmp_path):
             raise OSError("disk unplugged")
 
     run = trainer(tmp_path, [SharpnessMonitor(loss_fn=half_squared_error)], 1)
-    with pytest.raises(MisconfigurationException, match="could not draw its probe set.*disk unplugged"):
+    with pytest.raises(
+        MisconfigurationException, match=r"could not draw its probe set.*disk unplugged"
+    ):
         run.fit(Regressor(), DataLoader(Broken(), batch_size=4))
 
 
@@ -326,5 +387,7 @@ def test_sharding_strategy_is_refused():
         strategy = FSDPStrategy()
 
     monitor = SharpnessMonitor(loss_fn=half_squared_error)
-    with pytest.raises(MisconfigurationException, match="strategy FSDPStrategy shards them"):
+    with pytest.raises(
+        MisconfigurationException, match="strategy FSDPStrategy shards them"
+    ):
         monitor.setup(FakeTrainer(), Regressor(), "fit")

@@ -14,7 +14,11 @@ def run(tmp_path, devices):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     subprocess.run(
         [sys.executable, str(SCRIPT), str(output), str(devices)],
-        check=True, timeout=240, env=env, cwd=tmp_path, capture_output=True,
+        check=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
     )
     return json.loads(output.read_text())
 

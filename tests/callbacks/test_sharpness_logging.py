@@ -40,12 +40,16 @@ def test_tensorboard_scalars_and_custom_chart(tmp_path):
     steps = [e.step for e in events.Scalars("sharpness/lambda_1")]
     assert steps == [0, 4, 8, 12]
     values = [e.value for e in events.Scalars("sharpness/lambda_1")]
-    assert values == pytest.approx([r.eigenvalues[0] for r in monitor.history], rel=1e-6)
+    assert values == pytest.approx(
+        [r.eigenvalues[0] for r in monitor.history], rel=1e-6
+    )
     ratios = [e.value for e in events.Scalars("sharpness/ratio")]
     assert ratios == pytest.approx([v / 40.0 for v in values], rel=1e-6)
 
     layout = layout_pb2.Layout()
-    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    layout.ParseFromString(
+        events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    )
     chart = layout.category[0].chart[0]
     assert layout.category[0].title == "sharpness"
     assert list(chart.multiline.tag) == [r"sharpness/lambda_\d+", "sharpness/threshold"]
@@ -59,8 +63,14 @@ def test_csv_logger_receives_every_measurement(tmp_path):
     (path,) = glob.glob(f"{tmp_path}/csv/**/metrics.csv", recursive=True)
     with open(path) as handle:
         rows = list(csv.DictReader(handle))
-    logged = [(int(r["step"]), float(r["sharpness/lambda_1"])) for r in rows if r["sharpness/lambda_1"]]
-    assert logged == [(r.step, pytest.approx(r.eigenvalues[0])) for r in monitor.history]
+    logged = [
+        (int(r["step"]), float(r["sharpness/lambda_1"]))
+        for r in rows
+        if r["sharpness/lambda_1"]
+    ]
+    assert logged == [
+        (r.step, pytest.approx(r.eigenvalues[0])) for r in monitor.history
+    ]
     assert [step for step, _ in logged] == [0, 3, 6, 9]
 
 
@@ -69,8 +79,12 @@ def run_with_checkpoints(tmp_path, steps, ckpt_path=None):
     module = Regressor(lr=0.2, momentum=0.5)
     if ckpt_path is None:
         torch.manual_seed(0)
-    monitor = SharpnessMonitor(k=2, every_n_steps=5, loss_fn=half_squared_error, tol=1e-4)
-    checkpoint = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=15, save_top_k=-1)
+    monitor = SharpnessMonitor(
+        k=2, every_n_steps=5, loss_fn=half_squared_error, tol=1e-4
+    )
+    checkpoint = ModelCheckpoint(
+        tmp_path / "ckpt", every_n_train_steps=15, save_top_k=-1
+    )
     run = trainer(tmp_path, [monitor, checkpoint], steps, enable_checkpointing=True)
     run.fit(module, loader(regression_data()), ckpt_path=ckpt_path)
     return monitor

@@ -121,7 +121,9 @@ def dense_loss_function(case: Case, chunk_size: int | None = None):
 
     def loss(theta: Tensor) -> Tensor:
         pieces = torch.split(theta, sizes)
-        params = {n: p.reshape(s) for n, p, s in zip(names, pieces, shapes)}
+        params = {
+            n: p.reshape(s) for n, p, s in zip(names, pieces, shapes, strict=True)
+        }
         value = theta.new_zeros(())
         case.model.train(case.train_mode)
         for inputs, targets in data:

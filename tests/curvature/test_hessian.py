@@ -76,8 +76,13 @@ def test_module_is_left_untouched(case):
     operator.matmat(vectors)
     operator.gradient()
 
-    assert all(torch.equal(a, p) for a, p in zip(before_params, model.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(before_buffers, model.buffers()))
+    assert all(
+        torch.equal(a, p)
+        for a, p in zip(before_params, model.parameters(), strict=True)
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(before_buffers, model.buffers(), strict=True)
+    )
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
     assert torch.equal(before_rng, torch.get_rng_state())
     assert flags == [m.training for m in model.modules()]
@@ -236,3 +241,42 @@ def test_wrong_vector_shape_is_refused():
         ValueError, match=r"Expected vectors of shape \(b, 66\), got \(2, 5\)"
     ):
         operator.matmat(torch.ones(2, 5, dtype=torch.float64))
+
+
+def dense_third_order(case, u, v):
+    """T[u, v] = ∇(uᵀ H(θ) v), from a dense Hessian built with graph, then one grad."""
+    loss, theta0 = dense_loss_function(case)
+    theta = theta0.clone().requires_grad_()
+    H = torch.autograd.functional.hessian(
+        loss, theta, create_graph=True, vectorize=True
+    )
+    rows = [
+        torch.autograd.grad(a @ H @ b, theta, retain_graph=True)[0]
+        for a, b in zip(u, v, strict=True)
+    ]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunked"])
+def test_third_order_matches_dense_tensor(name, chunked):
+    case = make_case(name)
+    if not chunked:
+        case.chunk_size = case.inputs.shape[0]
+    operator = HessianOperator(objective_for(case))
+    u, v = torch.randn(2, 3, operator.dim, dtype=torch.float64)
+
+    result = operator.third_order(u, v)
+
+    expected = dense_third_order(case, u, v)
+    torch.testing.assert_close(result, expected, rtol=1e-8, atol=1e-10)
+    single = operator.third_order(u[0], v[0])
+    torch.testing.assert_close(single, expected[0], rtol=1e-8, atol=1e-10)
+    assert operator.num_third_order == 4
+
+
+def test_third_order_of_a_quadratic_is_zero():
+    case = make_case("quadratic")
+    operator = HessianOperator(objective_for(case))
+    u = torch.randn(operator.dim, dtype=torch.float64)
+    assert torch.equal(operator.third_order(u, u), torch.zeros_like(u))

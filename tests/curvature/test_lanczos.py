@@ -76,7 +76,7 @@ def test_stopping_rule_bounds_the_residual():
     result = lanczos(DenseOperator(H), k=2, tol=tol)
     assert result.converged
     for value, vector, reported in zip(
-        result.eigenvalues, result.eigenvectors, result.residuals
+        result.eigenvalues, result.eigenvectors, result.residuals, strict=True
     ):
         true_residual = (H @ vector - value * vector).norm()
         assert true_residual == pytest.approx(reported.item(), rel=1e-6, abs=1e-12)

@@ -57,7 +57,9 @@ def test_iteration_diverges_exactly_above_the_threshold(name):
         (lambda p: torch.optim.SGD(p, lr=0.1, maximize=True), "ascends the loss"),
         (lambda p: torch.optim.SGD(p, lr=0.0), "the learning rate is 0.0"),
         (
-            lambda p: torch.optim.SGD([{"params": p[:1], "lr": 0.1}, {"params": p[1:], "lr": 0.2}]),
+            lambda p: torch.optim.SGD(
+                [{"params": p[:1], "lr": 0.1}, {"params": p[1:], "lr": 0.2}]
+            ),
             "parameter groups of SGD differ",
         ),
     ],
