@@ -93,6 +93,8 @@ class CurvatureCallback(Callback):
         self._last_measured_step = -1
         self._last_seen_step = -1
         self._warned: set[str] = set()
+        #: Latest values shown by :class:`StepProgressBar`, set by subclasses.
+        self.progress_bar_metrics: dict[str, float] = {}
 
     # -- hooks -----------------------------------------------------------------------
 

@@ -267,6 +267,9 @@ class SharpnessMonitor(CurvatureCallback):
             )
         )
 
+        self.progress_bar_metrics = {"λ₁": eigenvalues[0]}
+        if threshold is not None:
+            self.progress_bar_metrics["threshold"] = threshold
         metrics = {f"sharpness/lambda_{i + 1}": v for i, v in enumerate(eigenvalues)}
         metrics["sharpness/hvps"] = float(result.num_products)
         if threshold is not None:
