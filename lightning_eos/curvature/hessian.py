@@ -201,7 +201,8 @@ class HessianOperator:
                 f"{tuple(w.shape)}."
             )
         t = self.third_order(u, v).double()
-        return t @ w.to(device=t.device, dtype=torch.float64).T
+        w = w.to(device=t.device, dtype=torch.float64)
+        return t @ (w.T if w.dim() == 2 else w)
 
     # -- first-order quantities at the point ------------------------------------------
 

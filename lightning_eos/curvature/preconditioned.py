@@ -98,14 +98,15 @@ def adaptive_preconditioner(
     group_of = {
         id(p): group for group in optimizer.param_groups for p in group["params"]
     }
-    diagonals, decays, momenta = [], [], set()
     for index, parameter in enumerate(parameters):
-        group = group_of.get(id(parameter))
-        if group is None:
+        if id(parameter) not in group_of:
             raise ValueError(
                 f"`optimizer` does not hold parameter {index} (shape "
                 f"{tuple(parameter.shape)}): its preconditioner is unknown."
             )
+    diagonals, decays, momenta = [], [], set()
+    for index, parameter in enumerate(parameters):
+        group = group_of[id(parameter)]
         if group.get("maximize", False):
             raise ValueError(f"`optimizer` {name} maximizes: it has no stable edge.")
         state = optimizer.state.get(parameter, {})
