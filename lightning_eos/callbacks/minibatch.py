@@ -37,6 +37,7 @@ class MinibatchRecord:
         minibatch_sharpness: λ₁(H_B) of each minibatch drawn.
         batch_sharpness: g_Bᵀ H_B g_B / ‖g_B‖² of each minibatch.
         threshold: The stability threshold of the step, or ``None``.
+        indices: The dataset indices of each minibatch.
     """
 
     step: int
@@ -44,6 +45,7 @@ class MinibatchRecord:
     minibatch_sharpness: list[float]
     batch_sharpness: list[float]
     threshold: float | None
+    indices: list[Tensor]
 
 
 class MinibatchSharpnessMonitor(CurvatureCallback):
@@ -230,7 +232,8 @@ class MinibatchSharpnessMonitor(CurvatureCallback):
         start = pairs.eigenvectors[:1] if pairs.finite else None
 
         top_values, along_gradient = [], []
-        for batch in self._draw_minibatches(trainer):
+        indices, batches = self._draw_minibatches(trainer)
+        for batch in batches:
             operator = HessianOperator(self._minibatch_objective(pl_module, batch))
             gradient = operator.gradient()
             norm2 = float(gradient.double() @ gradient.double())
@@ -253,6 +256,7 @@ class MinibatchSharpnessMonitor(CurvatureCallback):
             top_values,
             along_gradient,
             self._threshold,
+            indices,
         )
         self.history.append(record)
         mean_top, error_top = _mean_and_error(top_values)
@@ -269,17 +273,20 @@ class MinibatchSharpnessMonitor(CurvatureCallback):
             metrics["minibatch/ratio"] = mean_along / self._threshold
         return metrics
 
-    def _draw_minibatches(self, trainer: pl.Trainer) -> list[Any]:
+    def _draw_minibatches(self, trainer: pl.Trainer) -> tuple[list[Tensor], list[Any]]:
         loader = training_dataloader(trainer, type(self).__name__)
         total = len(loader.dataset)
-        batches = []
+        drawn, batches = [], []
+        # Fixed global randomness: random data transformations then neither differ
+        # between processes nor move the training stream.
         with fixed_randomness(self.seed, torch.device("cpu")):
             for _ in range(self.num_batches):
                 order = torch.randperm(total, generator=self.generator)
-                indices = order[: self._minibatch_size]
+                indices = order[: self._minibatch_size].sort().values
                 (batch,) = _collated_chunks(loader, indices, self._minibatch_size)
+                drawn.append(indices)
                 batches.append(trainer.strategy.batch_to_device(batch))
-        return batches
+        return drawn, batches
 
     def _minibatch_objective(
         self, pl_module: pl.LightningModule, batch: Any

@@ -18,7 +18,11 @@ from lightning_eos.callbacks._shared import (
     Sharing,
     not_finite_message,
 )
-from lightning_eos.curvature.directional import BlockDerivatives, block_derivatives
+from lightning_eos.curvature.directional import (
+    BlockDerivatives,
+    block_derivatives,
+    group_members,
+)
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.subspace import sharpness_gradient
 from lightning_eos.curvature.thresholds import stability_threshold
@@ -136,8 +140,8 @@ class ThirdOrderMonitor(CurvatureCallback):
 
     Raises:
         ValueError: At construction for an argument out of range; in ``setup`` for
-            ``k`` above the number of parameters; at the first measurement for
-            ``block_groups`` that do not cover the parameters.
+            ``k`` above the number of parameters or ``block_groups`` that do not
+            partition the trainable parameters.
 
     Example:
         >>> from lightning_eos.callbacks import SharpnessMonitor, ThirdOrderMonitor
@@ -225,6 +229,14 @@ class ThirdOrderMonitor(CurvatureCallback):
             return
         self.source.check_size(pl_module, type(self).__name__)
         self.source.setup(trainer, self)
+        if self.block_direction != "none":
+            names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+            try:
+                group_members(names, self.block_groups)
+            except ValueError as error:
+                raise ValueError(
+                    f"{type(self).__name__}: `block_groups`: {error}"
+                ) from None
 
     @override
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -182,7 +182,7 @@ def block_derivatives(
         (['weight', 'bias'], (2, 2))
     """
     pieces = _direction_pieces(objective, directions)
-    labels, members = _group_members(objective, groups)
+    labels, members = group_members(objective.names, groups)
     theta = objective.split(_point(objective, point))
     index_of = {
         index: group for group, indices in enumerate(members) for index in indices
@@ -336,12 +336,25 @@ def _direction_pieces(
     ]
 
 
-def _group_members(
-    objective: ProbeObjective, groups: Groups | None
+def group_members(
+    names: Sequence[str], groups: Groups | None
 ) -> tuple[list[str], list[list[int]]]:
-    """Group names and the parameter indices of each group, checked to partition."""
+    """Group names and the parameter indices of each group, checked to partition.
+
+    Args:
+        names: The trainable parameter names, in order.
+        groups: As in :func:`block_derivatives`.
+
+    Returns:
+        The group names and, per group, the indices of its parameters in ``names``.
+
+    Raises:
+        ValueError: If ``groups`` names an unknown parameter, repeats one, leaves
+            one out, or has an empty group.
+    """
+    names = list(names)
     if groups is None:
-        return list(objective.names), [[i] for i in range(len(objective.names))]
+        return names, [[i] for i in range(len(names))]
     if isinstance(groups, Mapping):
         labels = [str(name) for name in groups]
         lists = [list(groups[name]) for name in groups]
@@ -351,7 +364,7 @@ def _group_members(
             group[0] if len(group) == 1 else f"group{i + 1}"
             for i, group in enumerate(lists)
         ]
-    position = {name: i for i, name in enumerate(objective.names)}
+    position = {name: i for i, name in enumerate(names)}
     seen: dict[str, int] = {}
     members: list[list[int]] = []
     for number, group in enumerate(lists):
@@ -362,7 +375,7 @@ def _group_members(
             if name not in position:
                 raise ValueError(
                     f"`groups` names {name!r}, which is not a trainable parameter; "
-                    f"the trainable parameters are {objective.names}."
+                    f"the trainable parameters are {names}."
                 )
             if name in seen:
                 raise ValueError(
@@ -372,7 +385,7 @@ def _group_members(
             seen[name] = number
             indices.append(position[name])
         members.append(indices)
-    left_out = [name for name in objective.names if name not in seen]
+    left_out = [name for name in names if name not in seen]
     if left_out:
         raise ValueError(
             f"`groups` must cover every trainable parameter; {left_out} are in no "

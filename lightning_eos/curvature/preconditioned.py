@@ -58,7 +58,8 @@ class AdaptivePreconditioner:
     r"""The diagonal of :math:`P` and the threshold on :math:`\lambda_1(P^{-1}H)`.
 
     Attributes:
-        diagonal: :math:`P` as a flat vector, in the order of the given parameters.
+        diagonal: :math:`P` as a flat vector, in the order of the given parameters
+            (float64, computed from the state in float64).
         weight_decay: Coupled weight decay :math:`\omega` as a flat vector (zero
             where a group has none).
         threshold: The stability threshold on :math:`\lambda_1(P^{-1}(H + \omega
@@ -186,9 +187,9 @@ def _diagonal(optimizer, group: dict, state: dict, name: str, index: int) -> Ten
                 f"`optimizer` {name} has no 'square_avg' state for parameter "
                 f"{index} yet: the preconditioner exists after its first step."
             )
-        second = state["square_avg"]
+        second = state["square_avg"].double()
         if group.get("centered", False):
-            second = second - state["grad_avg"] ** 2
+            second = second - state["grad_avg"].double() ** 2
         return (second.sqrt() + eps) / lr
     key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
     if key not in state or "step" not in state:
@@ -198,7 +199,7 @@ def _diagonal(optimizer, group: dict, state: dict, name: str, index: int) -> Ten
         )
     step = float(state["step"])
     beta2 = float(group["betas"][1])
-    corrected = state[key] / (1 - beta2**step)
+    corrected = state[key].double() / (1 - beta2**step)
     return (corrected.sqrt() + eps) / lr
 
 
