@@ -42,8 +42,8 @@ class ThirdOrderRecord:
         alpha: −∇L · ∇S⊥.
         beta: ‖∇S⊥‖².
         delta: √(2α/β) when α > 0.
-        x: u₁ · (θ − θ*).
-        y: ∇S⊥ · (θ − θ*).
+        x: u₁* · (θ − θ*).
+        y: ∇S⊥* · (θ − θ*).
         tensor: T[u_a, u_b, u_c] when requested.
         blocks: The block-structured derivatives, when measured.
     """
@@ -80,13 +80,19 @@ class ThirdOrderMonitor(CurvatureCallback):
       sharpening rate :math:`\alpha = -\nabla L\cdot\nabla S_\perp`, the
       self-stabilization strength :math:`\beta = \lVert\nabla S_\perp\rVert^2`,
       the predicted oscillation size :math:`\delta = \sqrt{2\alpha/\beta}` when
-      :math:`\alpha > 0`, and, against a reference point :math:`\theta^*`,
-      :math:`x = u_1\cdot(\theta - \theta^*)` and
-      :math:`y = \nabla S_\perp\cdot(\theta - \theta^*)` (which tracks
-      :math:`S - 2/\eta`). :math:`\theta^*` is fixed at the first measurement with
-      :math:`\lambda_1` at or above the stability threshold and kept in
-      checkpoints; the sign of :math:`u_1` is kept continuous between measurements
-      so that :math:`x` does not flip with the eigensolver's arbitrary sign;
+      :math:`\alpha > 0` (all three at the current point), and the coordinates of
+      the displacement from a reference point :math:`\theta^*` along the
+      reference directions, :math:`x = u_1^*\cdot(\theta - \theta^*)` and
+      :math:`y = \nabla S_\perp^*\cdot(\theta - \theta^*)`, which tracks
+      :math:`S(\theta) - S(\theta^*)` to first order. :math:`\theta^*` is the
+      first measured point with :math:`\lambda_1` at or above the stability
+      threshold (so :math:`S(\theta^*) \approx 2/\eta`), and :math:`u_1^*`,
+      :math:`\nabla S_\perp^*` are taken there, as in the reduced model of
+      Damian et al.; the three are kept in checkpoints. The model is local: far
+      from :math:`\theta^*` the coordinates describe the displacement, not the
+      dynamics. The sign of :math:`u_1` is kept continuous between measurements
+      so that :math:`T` entries and :math:`x` do not flip with the eigensolver's
+      arbitrary sign;
     * the block-structured derivatives of :math:`t \mapsto L(\theta + \sum_i t_i
       d_i)` (Wolinski 2025; :func:`~lightning_eos.curvature.block_derivatives`)
       for :math:`d` the last update (``block_direction="update"``) or
@@ -207,6 +213,7 @@ class ThirdOrderMonitor(CurvatureCallback):
         self.fixed_threshold = threshold
         self.history: list[ThirdOrderRecord] = []
         self.source = EigenpairSource(k, eigenpairs, float(tol), max_iter)
+        #: θ*, u₁* and ∇S⊥* as the rows of one (3, dim) float64 tensor, once fixed.
         self.reference: Tensor | None = None
         self.reference_step: int | None = None
         self._u_reference: Tensor | None = None
@@ -300,23 +307,24 @@ class ThirdOrderMonitor(CurvatureCallback):
         result = sharpness_gradient(operator, vectors, tensor=self.tensor)
         sharpness = float(pairs.eigenvalues[0])
         theta = objective.point().double()
-        if (
-            self.reference is None
-            and self._threshold is not None
-            and sharpness >= self._threshold
-        ):
-            self.reference, self.reference_step = theta.cpu().clone(), step
-
         u = vectors[0].double()
         gradient_s = result.vector
         perpendicular = gradient_s - u * float(u @ gradient_s)
         alpha = -float(operator.gradient().double() @ perpendicular)
         beta = float(perpendicular @ perpendicular)
         delta = math.sqrt(2 * alpha / beta) if alpha > 0 and beta > 0 else math.nan
+        if (
+            self.reference is None
+            and self._threshold is not None
+            and sharpness >= self._threshold
+        ):
+            self.reference = torch.stack([theta, u, perpendicular]).cpu()
+            self.reference_step = step
         x = y = math.nan
         if self.reference is not None:
-            offset = theta - self.reference.to(theta.device)
-            x, y = float(u @ offset), float(perpendicular @ offset)
+            point, direction, normal = self.reference.to(theta.device)
+            offset = theta - point
+            x, y = float(direction @ offset), float(normal @ offset)
         blocks = self._blocks(objective, operator, step)
 
         record = ThirdOrderRecord(

@@ -75,7 +75,6 @@ def test_logged_quantities_match_a_dense_computation(tmp_path):
     (gradient_s,) = torch.autograd.grad(u1 @ hessian @ u1, point, retain_graph=True)
     (gradient_l,) = torch.autograd.grad(loss(point), point)
     perpendicular = gradient_s - u1 * (u1 @ gradient_s)
-    sign = 1.0 if record.x * float(u1 @ (theta - monitor.reference)) >= 0 else -1.0
 
     assert record.sharpness == pytest.approx(float(values[-1]), rel=1e-9)
     assert record.grad_sharpness_norm == pytest.approx(
@@ -88,12 +87,19 @@ def test_logged_quantities_match_a_dense_computation(tmp_path):
     assert record.beta == pytest.approx(float(perpendicular @ perpendicular), rel=1e-6)
     if record.alpha > 0:
         assert record.delta == pytest.approx(math.sqrt(2 * record.alpha / record.beta))
-    offset = theta - monitor.reference
-    assert record.x == pytest.approx(sign * float(u1 @ offset), rel=1e-6)
-    # x uses the sign-continuous u₁ that the checkpoint keeps.
-    reference_u = monitor._u_reference.double()
-    assert record.x == pytest.approx(float(reference_u @ offset), rel=1e-9)
-    assert record.y == pytest.approx(float(perpendicular @ offset), rel=1e-6)
+    # θ*, u₁* and ∇S⊥* are those of the first measurement (λ₁ ≥ threshold there).
+    reference, direction, normal = monitor.reference
+    torch.testing.assert_close(reference, recorder.before[0], rtol=0, atol=0)
+    start = reference.clone().requires_grad_()
+    curvature = torch.autograd.functional.hessian(loss, start, create_graph=True)
+    u_start = torch.linalg.eigh(curvature.detach())[1][:, -1]
+    (gradient_start,) = torch.autograd.grad(u_start @ curvature @ u_start, start)
+    normal_start = gradient_start - u_start * (u_start @ gradient_start)
+    torch.testing.assert_close(normal, normal_start, rtol=1e-6, atol=1e-8)
+    assert abs(float(direction @ u_start)) == pytest.approx(1.0, rel=1e-9)
+    offset = theta - reference
+    assert record.x == pytest.approx(float(direction @ offset), rel=1e-12)
+    assert record.y == pytest.approx(float(normal @ offset), rel=1e-12)
     (t122,) = torch.autograd.grad(u2 @ hessian @ u2, point)
     assert abs(float(record.tensor[1, 1, 0])) == pytest.approx(
         abs(float(t122 @ u1)), rel=1e-6
