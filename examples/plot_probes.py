@@ -3,8 +3,8 @@
 Reads the event files written by ``examples/digits_probes.yaml`` (a
 SharpnessMonitor and a ThirdOrderMonitor) and draws three panels: λ₁ against the
 stability threshold 2/η, the norm of the gradient of the sharpness ∇S = T[u₁, u₁],
-and the trajectory of (x, y) = (u₁·(θ − θ*), ∇S⊥·(θ − θ*)) after θ* is fixed
-(Damian, Nichani, Lee 2023)::
+and the trajectory of (x, y) = (u₁*·(θ − θ*), ∇S⊥*·(θ − θ*)) after θ* is fixed,
+with u₁* and ∇S⊥* taken at θ* (Damian, Nichani, Lee 2023)::
 
     python examples/plot_probes.py lightning_logs/version_0 probes.png
 
@@ -58,7 +58,7 @@ def plot(series: dict, output: str, window: int) -> None:
     left.legend(loc="lower right")
 
     steps, norm = series["third_order/grad_sharpness_norm"]
-    middle.semilogy(steps, norm, color="C1")
+    middle.plot(steps, norm, color="C1")
     middle.set_xlabel("step")
     middle.set_ylabel("‖∇S‖ = ‖T[u₁, u₁]‖")
     middle.set_title("Gradient of the sharpness")
@@ -77,14 +77,13 @@ def plot(series: dict, output: str, window: int) -> None:
         figure.colorbar(points, ax=right, label="step")
     right.axhline(0, color="k", lw=0.5)
     right.axvline(0, color="k", lw=0.5)
-    right.set_xlabel("x = u₁·(θ − θ*)")
-    right.set_ylabel("y = ∇S⊥·(θ − θ*)")
+    right.set_xlabel("x = u₁*·(θ − θ*)")
+    right.set_ylabel("y = ∇S⊥*·(θ − θ*)")
     right.set_title(f"Self-stabilization, steps {start}–{start + window}")
     for side in (middle, left):
-        for s in (start,):
-            side.axvline(s, color="C3", lw=0.8, ls=":")
+        side.axvline(start, color="C3", lw=0.8, ls=":")
     left.annotate(
-        "θ* fixed", (start, min(sharpness)), color="C3", fontsize=8, ha="left"
+        f" θ* (step {start})", (start, min(sharpness)), color="C3", fontsize=8
     )
 
     figure.tight_layout()

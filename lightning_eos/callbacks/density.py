@@ -137,6 +137,13 @@ class SpectralDensityMonitor(CurvatureCallback):
         )
         step = trainer.global_step
         self.history.append(DensityRecord(step, result))
+        if not result.finite:
+            self.warn_once(
+                "non-finite",
+                f"SpectralDensityMonitor: the Hessian-vector products are not finite "
+                f"at step {step}; the measurement is logged as NaN.",
+            )
+            return {"spectrum/lambda_max": math.nan, "spectrum/lambda_min": math.nan}
         if trainer.global_rank == 0:
             self._write_tensorboard(trainer, result, operator.dim)
         top = float(result.nodes.max())
@@ -160,13 +167,6 @@ class SpectralDensityMonitor(CurvatureCallback):
         if not loggers:
             return
         low, high = float(result.nodes.min()), float(result.nodes.max())
-        if not (math.isfinite(low) and math.isfinite(high)):
-            self.warn_once(
-                "non-finite",
-                "SpectralDensityMonitor: the Hessian-vector products are not finite; "
-                "no histogram is written.",
-            )
-            return
         if high <= low:
             high = low + 1.0
         edges = torch.linspace(low, high, self.bins + 1, dtype=torch.float64)

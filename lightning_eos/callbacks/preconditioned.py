@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -181,6 +182,14 @@ class PreconditionedSharpnessMonitor(CurvatureCallback):
                 f"{trainer.global_step}: {error}",
             )
             return {}
+        if not bool(torch.isfinite(preconditioner.diagonal).all()):
+            self.warn_once(
+                "non-finite",
+                "PreconditionedSharpnessMonitor: the optimizer's second moments are "
+                f"not finite at step {trainer.global_step}; the sharpness is logged "
+                "as NaN.",
+            )
+            return {"preconditioned/lambda_1": math.nan}
         objective = self.objective(trainer, pl_module)
         operator = PreconditionedOperator(
             HessianOperator(objective),

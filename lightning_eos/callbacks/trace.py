@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -117,6 +118,12 @@ class HessianTraceMonitor(CurvatureCallback):
         operator = HessianOperator(self.objective(trainer, pl_module))
         estimator = hutchpp if self.method == "hutchpp" else hutchinson
         result = estimator(operator, self.num_products, generator=self.generator)
+        if not math.isfinite(result.estimate):
+            self.warn_once(
+                "non-finite",
+                "HessianTraceMonitor: the Hessian-vector products are not finite at "
+                f"step {trainer.global_step}; the trace is logged as NaN.",
+            )
         self.history.append(
             TraceRecord(
                 trainer.global_step, result.estimate, result.stderr, result.num_products

@@ -48,11 +48,14 @@ class SpectralDensity:
             pads its row with zero-weight nodes.
         weights: :math:`\tau_j / n_v`, the same shape; they sum to one.
         num_products: Operator-vector products spent.
+        finite: ``False`` if a product held NaN or infinity; nodes and weights are
+            then NaN.
     """
 
     nodes: Tensor
     weights: Tensor
     num_products: int
+    finite: bool = True
 
     def density(self, grid: Tensor, sigma: float) -> Tensor:
         r"""The density convolved with a Gaussian of width ``sigma`` on ``grid``.
@@ -129,6 +132,9 @@ def spectral_density(
         basis[active, step] = current[active]
         images = operator.matmat(current[active])
         products += len(active)
+        if not bool(torch.isfinite(images).all()):
+            nan = torch.full((num_probes, steps), math.nan, dtype=torch.float64)
+            return SpectralDensity(nan, nan.clone(), products, finite=False)
         finished = []
         for row, run in enumerate(active):
             vector = images[row]

@@ -7,7 +7,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -295,3 +295,42 @@ def test_minibatch_quantities_match_dense_minibatch_hessians(tmp_path):
         assert along == pytest.approx(float(expected), rel=1e-9)
     assert len({tuple(i.tolist()) for i in record.indices}) == 3
     assert not math.isnan(record.full_sharpness)
+
+
+class Diverge(Callback):
+    """Plays a run that blows up: a weight becomes NaN after step 4."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == 4:
+            with torch.no_grad():
+                pl_module.net[0].weight[0, 0] = float("nan")
+
+
+def test_a_diverged_run_is_logged_as_nan_and_warned_about_once(tmp_path):
+    probes = all_probes(every=2)
+    pl.seed_everything(3, verbose=False)
+    run = trainer(tmp_path, [Diverge(), *probes], 8)
+    with pytest.warns(UserWarning) as record:
+        run.fit(Regressor(optimizer="adam", lr=0.05), loader(regression_data()))
+
+    assert run.global_step == 8
+    messages = [str(w.message) for w in record if "not finite" in str(w.message)]
+    for probe in probes:
+        name = type(probe).__name__
+        assert sum(m.startswith(name) for m in messages) == 1, name
+    assert math.isnan(probes[1].history[-1].grad_sharpness_norm)
+    assert math.isnan(probes[2].history[-1].trace)
+    assert not probes[3].history[-1].density.finite
+
+
+def test_sharpness_monitor_points_adam_users_to_the_preconditioned_sharpness(tmp_path):
+    monitor = SharpnessMonitor(every_n_steps=1, loss_fn=half_squared_error)
+    run = trainer(tmp_path, [monitor], 1)
+    with pytest.warns(UserWarning, match="add PreconditionedSharpnessMonitor"):
+        run.fit(Regressor(optimizer="adam"), loader(regression_data()))
+
+
+def test_preconditioned_k_above_the_parameter_count(tmp_path):
+    monitor = PreconditionedSharpnessMonitor(k=75, loss_fn=half_squared_error)
+    with pytest.raises(ValueError, match="`k` = 75 exceeds the number of trainable"):
+        train(tmp_path, [monitor], steps=1)
