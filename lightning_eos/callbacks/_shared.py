@@ -49,7 +49,7 @@ class EigenpairSource:
         if self.sharing == "own":
             return
         monitors = [c for c in trainer.callbacks if isinstance(c, SharpnessMonitor)]
-        name = type(owner).__name__
+        reasons = []
         for monitor in monitors:
             different = [
                 key
@@ -63,11 +63,13 @@ class EigenpairSource:
             if not different:
                 self.monitor = monitor
                 return
+            reasons.append(", ".join(different))
+        if reasons:
             owner.warn_once(
                 "sharing",
-                f"{name} computes its own eigenpairs: the SharpnessMonitor of this "
-                f"run differs in {', '.join(different)}. Give both the same probe "
-                "settings to compute the eigenpairs once per step.",
+                f"{type(owner).__name__} computes its own eigenpairs: the "
+                f"SharpnessMonitor of this run differs in {'; '.join(reasons)}. Give "
+                "both the same probe settings to compute the eigenpairs once per step.",
             )
 
     def prepare(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -18,6 +17,11 @@ from lightning_eos.callbacks._shared import (
     Sharing,
     not_finite_message,
 )
+from lightning_eos.callbacks._third_order_record import (
+    ThirdOrderRecord,
+    nan_record,
+    record_metrics,
+)
 from lightning_eos.curvature.directional import (
     BlockDerivatives,
     block_derivatives,
@@ -26,41 +30,6 @@ from lightning_eos.curvature.directional import (
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.subspace import sharpness_gradient
 from lightning_eos.curvature.thresholds import stability_threshold
-
-
-@dataclass
-class ThirdOrderRecord:
-    """One measurement of :class:`ThirdOrderMonitor` (NaN where undefined).
-
-    Attributes:
-        step: The optimizer step.
-        sharpness: λ₁.
-        threshold: The stability threshold, or ``None``.
-        grad_sharpness_norm: ‖∇S‖.
-        cosine: cos(∇S, ∇L).
-        t111: T[u₁, u₁, u₁].
-        alpha: −∇L · ∇S⊥.
-        beta: ‖∇S⊥‖².
-        delta: √(2α/β) when α > 0.
-        x: u₁* · (θ − θ*).
-        y: ∇S⊥* · (θ − θ*).
-        tensor: T[u_a, u_b, u_c] when requested.
-        blocks: The block-structured derivatives, when measured.
-    """
-
-    step: int
-    sharpness: float
-    threshold: float | None
-    grad_sharpness_norm: float
-    cosine: float
-    t111: float
-    alpha: float
-    beta: float
-    delta: float
-    x: float
-    y: float
-    tensor: Tensor | None
-    blocks: BlockDerivatives | None
 
 
 class ThirdOrderMonitor(CurvatureCallback):
@@ -90,9 +59,9 @@ class ThirdOrderMonitor(CurvatureCallback):
       :math:`\nabla S_\perp^*` are taken there, as in the reduced model of
       Damian et al.; the three are kept in checkpoints. The model is local: far
       from :math:`\theta^*` the coordinates describe the displacement, not the
-      dynamics. The sign of :math:`u_1` is kept continuous between measurements
-      so that :math:`T` entries and :math:`x` do not flip with the eigensolver's
-      arbitrary sign;
+      dynamics. The signs of the eigenvectors are kept continuous between
+      measurements, so that :math:`T[u_1, u_1, u_1]` and the other odd entries do
+      not flip with the eigensolver's arbitrary signs;
     * the block-structured derivatives of :math:`t \mapsto L(\theta + \sum_i t_i
       d_i)` (Wolinski 2025; :func:`~lightning_eos.curvature.block_derivatives`)
       for :math:`d` the last update (``block_direction="update"``) or
@@ -334,6 +303,9 @@ class ThirdOrderMonitor(CurvatureCallback):
             grad_sharpness_norm=result.norm,
             cosine=result.cosine,
             t111=float(result.eigen_coefficients[0]),
+            gradient_component=result.gradient_coefficient,
+            eigenspace_norm=float(result.eigen_coefficients.norm()),
+            complement_norm=result.complement_norm,
             alpha=alpha,
             beta=beta,
             delta=delta,
@@ -343,40 +315,7 @@ class ThirdOrderMonitor(CurvatureCallback):
             blocks=blocks,
         )
         self.history.append(record)
-        metrics = {
-            "third_order/grad_sharpness_norm": result.norm,
-            "third_order/cosine": result.cosine,
-            "third_order/T111": record.t111,
-            "third_order/gradient_component": result.gradient_coefficient,
-            "third_order/eigenspace_norm": float(result.eigen_coefficients.norm()),
-            "third_order/complement_norm": result.complement_norm,
-            "selfstab/alpha": alpha,
-            "selfstab/beta": beta,
-        }
-        if not math.isnan(delta):
-            metrics["selfstab/delta"] = delta
-        if self.reference is not None:
-            metrics["selfstab/x"], metrics["selfstab/y"] = x, y
-        if self._threshold is not None:
-            metrics["selfstab/sharpness_gap"] = sharpness - self._threshold
-        if result.tensor is not None:
-            k = result.tensor.shape[0]
-            for a in range(k):
-                for b in range(a, k):
-                    for c in range(b, k):
-                        tag = f"third_order/T_{a + 1}{b + 1}{c + 1}"
-                        metrics[tag] = float(result.tensor[a, b, c])
-        if blocks is not None:
-            for index, group in enumerate(blocks.names):
-                metrics[f"block/{group}/gradient"] = float(blocks.gradient[index])
-                metrics[f"block/{group}/curvature"] = float(
-                    blocks.hessian[index, index]
-                )
-                if blocks.third_order is not None:
-                    third = blocks.third_order
-                    value = third[index] if third.dim() == 1 else third[(index,) * 3]
-                    metrics[f"block/{group}/third"] = float(value)
-        return metrics
+        return record_metrics(record)
 
     def _blocks(
         self, objective, operator: HessianOperator, step: int
@@ -398,37 +337,28 @@ class ThirdOrderMonitor(CurvatureCallback):
         )
 
     def _continuous_sign(self, vectors: Tensor) -> Tensor:
-        """Flip u₁ so that it points the way the previous one did."""
-        u = vectors[0]
-        if self._u_reference is not None:
-            sign = 1.0 if float(u @ self._u_reference.to(u)) >= 0 else -1.0
-        else:
-            sign = 1.0 if float(u[u.abs().argmax()]) >= 0 else -1.0
+        """Flip each eigenvector to point the way the previous one did.
+
+        The first time, the entry of largest magnitude is made positive.
+        """
         vectors = vectors.clone()
-        vectors[0] = sign * u
-        self._u_reference = vectors[0].detach().cpu().clone()
+        previous = self._u_reference
+        for row in range(vectors.shape[0]):
+            u = vectors[row]
+            if previous is not None and row < previous.shape[0]:
+                sign = 1.0 if float(u @ previous[row].to(u)) >= 0 else -1.0
+            else:
+                sign = 1.0 if float(u[u.abs().argmax()]) >= 0 else -1.0
+            vectors[row] = sign * u
+        self._u_reference = vectors.detach().cpu().clone()
         return vectors
 
     def _record_nan(self, step: int, sharpness: float) -> dict[str, float]:
-        nan = math.nan
-        self.history.append(
-            ThirdOrderRecord(
-                step,
-                sharpness,
-                self._threshold,
-                nan,
-                nan,
-                nan,
-                nan,
-                nan,
-                nan,
-                nan,
-                nan,
-                None,
-                None,
-            )
-        )
-        return {"third_order/grad_sharpness_norm": nan, "third_order/T111": nan}
+        self.history.append(nan_record(step, sharpness, self._threshold))
+        return {
+            "third_order/grad_sharpness_norm": math.nan,
+            "third_order/T111": math.nan,
+        }
 
     def _read_threshold(self, trainer: pl.Trainer) -> float | None:
         if self.fixed_threshold is not None:

@@ -25,6 +25,7 @@ from lightning_eos.callbacks import (
 
 from ..threads import single_thread  # noqa: F401
 from .modules import Regressor, half_squared_error, loader, regression_data, trainer
+from .test_sharpness import Snapshot, equal_states
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -334,3 +335,20 @@ def test_preconditioned_k_above_the_parameter_count(tmp_path):
     monitor = PreconditionedSharpnessMonitor(k=75, loss_fn=half_squared_error)
     with pytest.raises(ValueError, match="`k` = 75 exceeds the number of trainable"):
         train(tmp_path, [monitor], steps=1)
+
+
+def test_a_measurement_changes_nothing(tmp_path):
+    probes = all_probes(every=100)
+    module, run = train(tmp_path, probes, steps=3, batch_norm=True, dropout=0.2)
+    module.net[0].eval()  # a mix of train and eval flags
+    for p in module.parameters():
+        p.grad = torch.randn_like(p)
+
+    for probe in probes:
+        before = Snapshot.state(run, module)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe._measure(run, module)
+        after = Snapshot.state(run, module)
+        assert all(equal_states(before, after).values()), type(probe).__name__
+        assert len(probe.history) >= 1, type(probe).__name__
