@@ -176,7 +176,7 @@ _NAMES = {
 
 
 def _uses_batch_statistics(func: Callable[..., Any], args: tuple, kwargs: dict) -> bool:
-    """Whether a batch_norm call normalizes with batch statistics (train mode)."""
+    """Whether a call normalizes with the statistics of its input (train mode)."""
     if func is F.batch_norm:
         bound = {"running_mean": None, "running_var": None, "training": False}
         names = ("input", "running_mean", "running_var", "weight", "bias", "training")
@@ -187,7 +187,17 @@ def _uses_batch_statistics(func: Callable[..., Any], args: tuple, kwargs: dict) 
         training = args[5] if len(args) > 5 else kwargs.get("training", False)
         running = args[3] if len(args) > 3 else kwargs.get("running_mean")
         return bool(training) or running is None
-    return True
+    if func is F.instance_norm:
+        bound = {"running_mean": None, "use_input_stats": True}
+        names = ("input", "running_mean", "running_var", "weight", "bias")
+        bound.update(zip((*names, "use_input_stats"), args, strict=False))
+        bound.update(kwargs)
+        return bool(bound["use_input_stats"]) or bound["running_mean"] is None
+    if func is torch.instance_norm:
+        stats = args[5] if len(args) > 5 else kwargs.get("use_input_stats", True)
+        running = args[3] if len(args) > 3 else kwargs.get("running_mean")
+        return bool(stats) or running is None
+    return True  # layer normalization always uses the statistics of its input
 
 
 class _Normalization(TorchFunctionMode):
