@@ -104,6 +104,7 @@ class CurvatureCallback(Callback):
     ) -> None:
         if stage != "fit":
             return
+        self.probe = None  # drawn again for every fit (or restored from a checkpoint)
         name = type(self).__name__
         if _SHARDING and isinstance(trainer.strategy, _SHARDING):
             raise MisconfigurationException(
@@ -137,6 +138,20 @@ class CurvatureCallback(Callback):
     def on_train_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
+        self.prepare(trainer, pl_module)
+        self._last_seen_step = trainer.global_step
+        if trainer.global_step != self._last_measured_step:
+            self._measure(trainer, pl_module)
+
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Draw the probe set and call :meth:`on_prepare`, once per fit.
+
+        Runs when training starts, or earlier when another callback asks this one
+        for a measurement from its own ``on_train_start`` (callbacks run in the
+        order they were given).
+        """
+        if self.probe is not None:
+            return
         self.probe = draw_probe_set(
             trainer,
             type(self).__name__,
@@ -157,9 +172,7 @@ class CurvatureCallback(Callback):
                 "Hessian of one sampled loss. Use mode='eval' to measure without "
                 "dropout.",
             )
-        self._last_seen_step = trainer.global_step
-        if trainer.global_step != self._last_measured_step:
-            self._measure(trainer, pl_module)
+        self.on_prepare(trainer, pl_module)
 
     @override
     def on_train_batch_end(
@@ -174,7 +187,9 @@ class CurvatureCallback(Callback):
         if step == self._last_seen_step:  # a micro-batch of gradient accumulation
             return
         self._last_seen_step = step
-        if step % self.every_n_steps == 0:
+        # A callback that shares this one's results may have asked for this step's
+        # measurement already.
+        if step % self.every_n_steps == 0 and step != self._last_measured_step:
             self._measure(trainer, pl_module)
 
     # -- what subclasses implement ----------------------------------------------------
@@ -185,12 +200,25 @@ class CurvatureCallback(Callback):
         """Measure at the current parameters; return the scalars to log."""
         raise NotImplementedError
 
+    def on_prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Set up what measurements need once the probe set is drawn (optional)."""
+
     # -- services for subclasses ------------------------------------------------------
 
     def objective(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        normalization: Literal["native", "plain"] = "native",
     ) -> ProbeObjective:
-        """The loss on the probe set at this step, summed over processes."""
+        """The loss on the probe set at this step, summed over processes.
+
+        Args:
+            trainer: The trainer.
+            pl_module: The module.
+            normalization: ``"plain"`` for objectives differentiated three times
+                (see :class:`~lightning_eos.curvature.ProbeObjective`).
+        """
         assert self.probe is not None, "the probe set is drawn when training starts"
         if self.loss_fn is not None:
             loss = {"loss_fn": self.loss_fn}
@@ -203,6 +231,7 @@ class CurvatureCallback(Callback):
             dtype=_DTYPES[self.dtype] if self.dtype else None,
             train_mode=self.mode == "train",
             seed=self.seed * 1_000_003 + trainer.global_step,
+            normalization=normalization,
             all_reduce=_all_reduce(trainer),
         )
 

@@ -16,6 +16,9 @@ from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.lanczos import Eigenpairs, lanczos
 from lightning_eos.curvature.thresholds import StabilityThreshold, stability_threshold
 
+#: Optimizers whose preconditioned sharpness PreconditionedSharpnessMonitor measures.
+_PRECONDITIONED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+
 
 @dataclass
 class SharpnessRecord:
@@ -66,7 +69,9 @@ class SharpnessMonitor(CurvatureCallback):
     is read when the step starts, before a per-step scheduler updates it. For an
     optimizer without a known threshold on :math:`\lambda_1(H)` (Adam, for example,
     whose threshold applies to the preconditioned Hessian) the eigenvalues are
-    logged alone, with one warning that says why.
+    logged alone, with one warning that says why; for Adam, AdamW and RMSprop,
+    :class:`~lightning_eos.callbacks.PreconditionedSharpnessMonitor` measures
+    :math:`\lambda_1(P^{-1}H)` against its threshold.
 
     Logged scalars, at ``step=trainer.global_step`` on every logger, whatever
     ``log_every_n_steps`` is: ``sharpness/lambda_1`` … ``sharpness/lambda_k``,
@@ -189,9 +194,7 @@ class SharpnessMonitor(CurvatureCallback):
             )
 
     @override
-    def on_train_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> None:
+    def on_prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.add_charts(
             trainer,
             "sharpness",
@@ -204,7 +207,24 @@ class SharpnessMonitor(CurvatureCallback):
             },
         )
         self._threshold = self._optimizer_threshold(trainer)
-        super().on_train_start(trainer, pl_module)
+
+    def eigenpairs(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> Eigenpairs:
+        """The eigenpairs at the current step, for callbacks that share them.
+
+        Measured (and logged) now if this monitor has not measured at this step
+        yet, so that a step's eigenpairs are computed once however the callbacks
+        are ordered; the monitor's own hook then skips the step.
+
+        Returns:
+            The :class:`~lightning_eos.curvature.Eigenpairs` of this step.
+        """
+        self.prepare(trainer, pl_module)
+        if self._last_measured_step != trainer.global_step or self.last_result is None:
+            self._measure(trainer, pl_module)
+        assert self.last_result is not None
+        return self.last_result
 
     @override
     def on_train_batch_start(
@@ -256,10 +276,18 @@ class SharpnessMonitor(CurvatureCallback):
         eigenvalues = [float(v) for v in result.eigenvalues]
         threshold = self._threshold.value
         if threshold is None:
+            optimizers = trainer.optimizers
+            hint = (
+                "; add PreconditionedSharpnessMonitor (lightning_eos.callbacks) to "
+                "measure λ₁(P⁻¹H) against the threshold of "
+                f"{type(optimizers[0]).__name__}"
+                if len(optimizers) == 1 and isinstance(optimizers[0], _PRECONDITIONED)
+                else ""
+            )
             self.warn_once(
                 "threshold",
                 "SharpnessMonitor logs no stability threshold: "
-                f"{self._threshold.reason}.",
+                f"{self._threshold.reason}{hint}.",
             )
         self.history.append(
             SharpnessRecord(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_eos.curvature.normalization import native_normalization_calls
 from lightning_eos.curvature.objective import ProbeObjective
 
 
@@ -67,6 +68,7 @@ class HessianOperator:
         self._loss: Tensor | None = None
         self._gradient: Tensor | None = None
         self._local_first_order: tuple[Tensor, Tensor] | None = None
+        self._third_order_checked = False
 
     # -- products --------------------------------------------------------------------
 
@@ -103,19 +105,22 @@ class HessianOperator:
     def third_order(self, u: Tensor, v: Tensor) -> Tensor:
         r"""The third-order vector :math:`T[u, v] = \nabla_\theta(u^\top H(\theta) v)`.
 
-        Here ``u`` and ``v`` are flat vectors, or rows of pairs.
         The gradient, with ``u`` and ``v`` held fixed, of the curvature along them;
         for a simple top eigenpair, :math:`\nabla \lambda_1 = T[u_1, u_1]`. Computed
-        exactly by differentiating the Hessian-vector product once more (reverse mode
-        three times), reusing the kept graph of the first backward pass when there
-        is one.
+        exactly by reverse mode three times: the Hessian-vector product :math:`Hv`
+        is built with its own graph from the kept graph of the first backward pass,
+        and differentiated once more with ``u`` as the output gradient. Rows that
+        share the same ``v`` share that product, so the pairs :math:`(u_i, v)` of
+        one ``v`` cost one product with graph and one backward pass each. On the
+        digits MLP on a CPU this route is the fastest exact one measured
+        (forward-over-forward-over-reverse and forward-over-reverse-over-reverse
+        cost more, see ``benchmarks/third_order.py``).
 
-        PyTorch's native ``BatchNorm`` in train mode returns wrong third derivatives
-        (its double backward is not itself differentiated correctly: on a small
-        network the result is off by tens of percent against finite differences of
-        exact Hessian-vector products, while its Hessian-vector products are right);
-        probe such models in eval mode or with a normalization written in plain
-        tensor operations.
+        PyTorch's fused layer normalization, batch normalization in train mode and
+        instance normalization give wrong third derivatives (see
+        :mod:`lightning_eos.curvature.normalization`); an objective that calls them
+        with ``normalization="native"`` is refused. Build it with
+        ``normalization="plain"`` instead.
 
         Args:
             u: Shape ``(dim,)`` or ``(b, dim)``.
@@ -123,22 +128,33 @@ class HessianOperator:
 
         Returns:
             :math:`T[u, v]` with the shape of ``u`` (summed over processes).
+
+        Raises:
+            ValueError: If the shapes differ or do not match the dimension, or if
+                the objective calls a fused normalization with wrong third
+                derivatives.
         """
         if u.shape != v.shape or u.shape[-1] != self.dim or u.dim() > 2:
             raise ValueError(
                 f"`u` and `v` must both have shape ({self.dim},) or (b, {self.dim}); "
                 f"got {tuple(u.shape)} and {tuple(v.shape)}."
             )
+        self._check_third_order()
         single = u.dim() == 1
         us = u.reshape(-1, self.dim).to(dtype=self.dtype, device=self.device)
         vs = v.reshape(-1, self.dim).to(dtype=self.dtype, device=self.device)
+        # T is symmetric in u and v: share the product with the more repeated one.
+        groups = _rows_by_value(vs)
+        by_u = _rows_by_value(us)
+        if len(by_u) < len(groups):
+            us, vs, groups = vs, us, by_u
         result = torch.zeros_like(us)
         for variables, gradient in self._graphs():
             live = [i for i, g in enumerate(gradient) if g.requires_grad]
             if not live:
-                continue
-            for row, (u_row, v_row) in enumerate(zip(us, vs, strict=True)):
-                v_split = self.objective.split(v_row)
+                continue  # the loss is at most linear: the Hessian and T are zero
+            for rows in groups:
+                v_split = self.objective.split(vs[rows[0]])
                 hv = torch.autograd.grad(
                     [gradient[i] for i in live],
                     variables,
@@ -147,20 +163,46 @@ class HessianOperator:
                     retain_graph=True,
                     materialize_grads=True,
                 )
-                curvature = sum(
-                    (h * w).sum()
-                    for h, w in zip(hv, self.objective.split(u_row), strict=True)
-                    if h.requires_grad
-                )
-                if not isinstance(curvature, Tensor):
+                varying = [i for i, h in enumerate(hv) if h.requires_grad]
+                if not varying:
                     continue  # the Hessian is constant: T is zero
-                derivative = torch.autograd.grad(
-                    curvature, variables, retain_graph=True, materialize_grads=True
-                )
-                result[row] += self.objective.flatten(derivative)
+                for row in rows:
+                    u_split = self.objective.split(us[row])
+                    derivative = torch.autograd.grad(
+                        [hv[i] for i in varying],
+                        variables,
+                        grad_outputs=[u_split[i] for i in varying],
+                        retain_graph=True,
+                        materialize_grads=True,
+                    )
+                    result[row] += self.objective.flatten(derivative)
         self.num_third_order += us.shape[0]
         result = self.objective._reduce(result)
         return result[0] if single else result
+
+    def third_order_form(self, u: Tensor, v: Tensor, w: Tensor) -> Tensor:
+        r"""The trilinear form :math:`T[u, v, w] = \langle T[u, v], w\rangle`.
+
+        Symmetric in its three arguments. One third-order vector per row of ``u``
+        (with its ``v``); every row of ``w`` is then a dot product.
+
+        Args:
+            u: Shape ``(dim,)`` or ``(b, dim)``.
+            v: The same shape as ``u``.
+            w: Shape ``(dim,)`` or ``(m, dim)``.
+
+        Returns:
+            A scalar tensor for single vectors, else shape ``(b,)``, ``(m,)`` or
+            ``(b, m)`` (float64, summed over processes).
+        """
+        if w.shape[-1] != self.dim or w.dim() > 2:
+            raise ValueError(
+                f"`w` must have shape ({self.dim},) or (m, {self.dim}); got "
+                f"{tuple(w.shape)}."
+            )
+        t = self.third_order(u, v).double()
+        w = w.to(device=t.device, dtype=torch.float64)
+        return t @ (w.T if w.dim() == 2 else w)
 
     # -- first-order quantities at the point ------------------------------------------
 
@@ -237,6 +279,27 @@ class HessianOperator:
             rows.append(self.objective.flatten(products))
         return torch.stack(rows)
 
+    def _check_third_order(self) -> None:
+        """Refuse fused normalization layers, whose third derivatives are wrong."""
+        if self._third_order_checked:
+            return
+        calls = native_normalization_calls(self.objective)
+        # Every process decides together, so that none waits alone in a collective.
+        flag = torch.tensor([float(bool(calls))], device=self.device)
+        if float(self.objective._reduce(flag).item()) > 0:
+            found = "; ".join(calls) if calls else "a fused normalization layer"
+            raise ValueError(
+                f"Third derivatives through {found} are wrong in PyTorch: the "
+                "fused kernel's double-backward formula is not itself "
+                "differentiated correctly (its Hessian-vector products are right). "
+                "Build the ProbeObjective with normalization='plain', which "
+                "evaluates these layers with plain tensor operations during probes "
+                "(the same function, exact to every order; the module and its "
+                "training are untouched), or replace the layers with "
+                "lightning_eos.nn.use_plain_normalization(module)."
+            )
+        self._third_order_checked = True
+
     def _first_order(self) -> None:
         if len(self.objective.chunks) == 1:
             if self._cache is None:
@@ -256,3 +319,16 @@ class HessianOperator:
                 gradient += self.objective.flatten(grads)
         packed = self.objective._reduce(torch.cat([loss.reshape(1), gradient]))
         self._loss, self._gradient = packed[0], packed[1:]
+
+
+def _rows_by_value(rows: Tensor) -> list[list[int]]:
+    """Group the indices of equal rows, in order of first appearance."""
+    groups: list[list[int]] = []
+    for index in range(rows.shape[0]):
+        for group in groups:
+            if torch.equal(rows[group[0]], rows[index]):
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    return groups

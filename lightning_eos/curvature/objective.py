@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_eos.curvature._batches import batch_size, cast_floating
+from lightning_eos.curvature.normalization import plain_normalization
 
 #: ``loss_fn(outputs, targets)``: a criterion applied to ``module(inputs)``.
 LossFn = Callable[[Any, Any], Tensor]
@@ -113,6 +114,12 @@ class ProbeObjective:
     for a chunk every time the loss is evaluated with the same ``seed``, so the
     Hessian is that of one fixed draw, and the random stream of training is not moved.
 
+    Third derivatives through PyTorch's fused layer, batch (train mode) and instance
+    normalization are wrong (see :mod:`lightning_eos.curvature.normalization`);
+    ``normalization="plain"`` evaluates those layers with plain tensor operations
+    during probes, which is the same function to round-off with exact derivatives of
+    every order, and leaves the module and its training untouched.
+
     Args:
         module: The model. Its trainable parameters (``requires_grad=True``) are the
             variables; frozen parameters and buffers are held constant.
@@ -129,6 +136,9 @@ class ProbeObjective:
         train_mode: Evaluate with every submodule in train mode (``True``) or in eval
             mode (``False``).
         seed: Seed of the randomness of stochastic layers.
+        normalization: ``"native"`` evaluates normalization layers with PyTorch's
+            fused kernels (exact to second order); ``"plain"`` with plain tensor
+            operations (exact to every order, needed for third derivatives).
         all_reduce: Sum over processes, for a probe set sharded across processes
             (for example ``torch.distributed.all_reduce``). Called the same number of
             times on every process, however many chunks each holds.
@@ -150,12 +160,17 @@ class ProbeObjective:
         dtype: torch.dtype | None = None,
         train_mode: bool = True,
         seed: int = 0,
+        normalization: Literal["native", "plain"] = "native",
         all_reduce: AllReduce | None = None,
     ) -> None:
         if (loss_fn is None) == (batch_loss is None):
             raise ValueError("Give exactly one of `loss_fn` and `batch_loss`.")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+        if normalization not in ("native", "plain"):
+            raise ValueError(
+                f"`normalization` must be 'native' or 'plain', got {normalization!r}."
+            )
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"`dtype` must be a floating-point type, got {dtype}.")
         variables = [
@@ -172,6 +187,7 @@ class ProbeObjective:
         self.reduction = reduction
         self.train_mode = train_mode
         self.seed = seed
+        self.normalization = normalization
         self.all_reduce = all_reduce
         self.names = [name for name, _ in variables]
         self.shapes = [p.shape for _, p in variables]
@@ -248,6 +264,9 @@ class ProbeObjective:
             with (
                 training_flags(self.module, self.train_mode),
                 fixed_randomness(self._chunk_seed(index), self.device),
+                plain_normalization()
+                if self.normalization == "plain"
+                else nullcontext(),
             ):
                 loss = functional_call(self._wrapper, state, (batch,))
             if not isinstance(loss, Tensor) or loss.dim() != 0:

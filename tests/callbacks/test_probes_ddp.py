@@ -1,0 +1,39 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..threads import single_thread  # noqa: F401
+from .ddp_probes import main
+
+SCRIPT = Path(__file__).with_name("ddp_probes.py")
+
+
+def run(tmp_path, devices):
+    output = tmp_path / f"probes-{devices}.json"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(output), str(devices)],
+        check=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    return json.loads(output.read_text())
+
+
+@pytest.mark.ddp
+@pytest.mark.usefixtures("single_thread")
+def test_probes_on_two_processes_match_one(tmp_path):
+    main(str(tmp_path / "probes-1.json"), 1)  # in this process: no start-up cost
+    single = json.loads((tmp_path / "probes-1.json").read_text())
+    double = run(tmp_path, 2)
+
+    for name, rows in single.items():
+        assert len(double[name]) == len(rows) >= 2, name
+        for one, two in zip(rows, double[name], strict=True):
+            assert two == pytest.approx(one, rel=1e-6, abs=1e-9, nan_ok=True), name
