@@ -21,8 +21,6 @@ def test_digits_gd_sharpens_then_hovers_at_two_over_eta(tmp_path, monkeypatch):
             str(CONFIG),
             "--trainer.max_steps",
             "700",
-            "--trainer.enable_progress_bar",
-            "false",
             "--trainer.enable_checkpointing",
             "false",
         ]

@@ -4,17 +4,13 @@ import glob
 import sys
 from pathlib import Path
 
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_eos.cli import main
 
-from .threads import single_thread  # noqa: F401
-
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "digits_probes.yaml"
 
 
-@pytest.mark.usefixtures("single_thread")
 def test_probes_example_runs_and_logs_every_probe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-eos"])

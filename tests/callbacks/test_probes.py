@@ -23,11 +23,8 @@ from lightning_eos.callbacks import (
     ThirdOrderMonitor,
 )
 
-from ..threads import single_thread  # noqa: F401
 from .modules import Regressor, half_squared_error, loader, regression_data, trainer
 from .test_sharpness import Snapshot, equal_states
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def all_probes(every=3, tol=1e-3, **options):

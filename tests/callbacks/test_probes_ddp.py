@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from ..threads import single_thread  # noqa: F401
 from .ddp_probes import main
 
 SCRIPT = Path(__file__).with_name("ddp_probes.py")
@@ -27,7 +26,6 @@ def run(tmp_path, devices):
 
 
 @pytest.mark.ddp
-@pytest.mark.usefixtures("single_thread")
 def test_probes_on_two_processes_match_one(tmp_path):
     main(str(tmp_path / "probes-1.json"), 1)  # in this process: no start-up cost
     single = json.loads((tmp_path / "probes-1.json").read_text())

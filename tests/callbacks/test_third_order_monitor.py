@@ -10,10 +10,7 @@ import lightning_eos.callbacks._shared as shared
 import lightning_eos.callbacks.sharpness as sharpness
 from lightning_eos.callbacks import SharpnessMonitor, ThirdOrderMonitor
 
-from ..threads import single_thread  # noqa: F401
 from .modules import Regressor, half_squared_error, loader, regression_data, trainer
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Parameters(Callback):

@@ -3,10 +3,7 @@ import torch
 
 from lightning_eos.curvature import block_derivatives, directional_derivatives
 
-from ..threads import single_thread  # noqa: F401
 from .third_order_cases import DTYPE, make_third_order_case
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 GROUPINGS = {
     "per-tensor": None,

@@ -12,10 +12,6 @@ from lightning_eos.curvature import (
 )
 from lightning_eos.nn import use_plain_normalization
 
-from ..threads import single_thread  # noqa: F401
-
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 DTYPE = torch.float64
 
 # (layer, input shape, train mode)

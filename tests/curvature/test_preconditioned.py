@@ -10,10 +10,7 @@ from lightning_eos.curvature import (
     lanczos,
 )
 
-from ..threads import single_thread  # noqa: F401
 from .cases import half_squared_error
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 DTYPE = torch.float64
 

@@ -8,15 +8,12 @@ from lightning_eos.curvature import (
     sharpness_gradient,
 )
 
-from ..threads import single_thread  # noqa: F401
 from .third_order_cases import (
     DTYPE,
     THIRD_ORDER_CASES,
     finite_difference_third,
     make_third_order_case,
 )
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(params=THIRD_ORDER_CASES)

@@ -9,11 +9,8 @@ from lightning_eos.curvature import (
     spectral_density,
 )
 
-from ..threads import single_thread  # noqa: F401
 from .cases import dense_hessian, make_case
 from .test_hessian import objective_for
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 DTYPE = torch.float64
 ESTIMATORS = {"hutchinson": hutchinson, "hutchpp": hutchpp}
