@@ -42,11 +42,11 @@ OPTIMIZERS: dict[str, Callable] = {
     "sam": lambda p: SAM(p, torch.optim.SGD, rho=0.05, lr=0.2),
     "asam": lambda p: SAM(p, torch.optim.SGD, rho=0.5, adaptive=True, lr=0.2),
     "gsam": lambda p: GSAM(p, torch.optim.SGD, rho=0.05, alpha=0.1, lr=0.2),
-    "newton_cg": lambda p: NewtonCG(p, damping=0.1, cg_tol=1e-2),
+    "newton_cg": lambda p: NewtonCG(p, damping=1.0, cg_tol=1e-2),
     "hessian_free": lambda p: HessianFree(p, curvature="gauss_newton"),
     "hessian_free_fd": lambda p: HessianFree(p, hessian_products="finite_difference"),
     "cubic": lambda p: CubicNewton(p),
-    "gauss_newton": lambda p: GaussNewton(p, damping=1e-3),
+    "gauss_newton": lambda p: GaussNewton(p, damping=0.1, max_cg_iter=20),
     "grouped_newton": lambda p: GroupedNewton(p),
 }
 

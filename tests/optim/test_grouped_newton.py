@@ -37,7 +37,7 @@ def test_learning_rates_solve_the_model_built_from_dense_derivatives():
     b = nn.Parameter(torch.tensor([0.2, 0.9, -0.3], dtype=torch.float64))
     start = torch.cat([a, b]).detach()
     lam = 0.5
-    optimizer = GroupedNewton([a, b], regularization=lam)
+    optimizer = GroupedNewton([a, b], regularization=lam, adaptive=False)
     optimizer.step(closure_for(optimizer, [a, b], polynomial))
 
     g = torch.autograd.functional.jacobian(lambda x: polynomial(x[:2], x[2:]), start)
@@ -72,6 +72,17 @@ def test_learning_rates_solve_the_model_built_from_dense_derivatives():
         torch.cat([a, b]).detach(), start + d @ t, rtol=1e-12, atol=1e-13
     )
     assert optimizer.counters["hvps"] == 2 and optimizer.counters["third_order"] == 2
+
+
+def test_safeguard_refuses_a_step_the_model_overestimates():
+    # Negative curvature and a tiny λ_int: the reduced step runs into the quartic.
+    x = nn.Parameter(torch.tensor([0.1], dtype=torch.float64))
+    optimizer = GroupedNewton([x], regularization=1e-6)
+    optimizer.step(closure_for(optimizer, [x], lambda x: (-(x**2) + x**4).sum()))
+
+    assert optimizer.last_stats["accepted"] == 0.0
+    assert float(x.detach()[0]) == 0.1
+    assert optimizer.regularization == pytest.approx(4e-6)
 
 
 REFUSED = {
