@@ -77,7 +77,7 @@ def run(name: str) -> dict[str, Any]:
         "--config",
         str(CONFIGS / f"{name}.yaml"),
     ]
-    args += ["--trainer.logger", "false"]
+    args += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
     cli = LightningCLI(
         model_class=LightningModule,
         datamodule_class=LightningDataModule,

@@ -70,6 +70,9 @@ class CubicNewton(ClosureOptimizer):
 
     Args:
         params: The parameters (all groups must share these settings).
+        lr: Factor α on the model's minimizer, positive: the step is :math:`\alpha s`
+            and the ratio compares with the model's decrease at :math:`\alpha s`
+            (1 is ARC's step; a learning-rate scheduler can drive it).
         sigma: Initial regularization σ, positive.
         min_sigma: Lower bound of σ, positive.
         sigma_increase: Factor on σ after a rejected step, above 1.
@@ -104,6 +107,7 @@ class CubicNewton(ClosureOptimizer):
     def __init__(
         self,
         params: Any,
+        lr: float = 1.0,
         sigma: float = 1.0,
         min_sigma: float = 1e-6,
         sigma_increase: float = 2.0,
@@ -128,6 +132,7 @@ class CubicNewton(ClosureOptimizer):
             high_open=True,
         )
         defaults = {
+            "lr": check_number("lr", lr, low=0.0, low_open=True),
             "sigma": check_number("sigma", sigma, low=0.0, low_open=True),
             "min_sigma": check_number("min_sigma", min_sigma, low=0.0, low_open=True),
             "sigma_increase": check_number(
@@ -227,18 +232,26 @@ class CubicNewton(ClosureOptimizer):
                 perturbation=settings["perturbation"],
                 generator=generator,
             )
+        alpha = settings["lr"]
+        step = alpha * solution.step
+        norm = float(solution.step.norm())
+        decrease = -(
+            alpha * float(g @ solution.step)
+            + 0.5 * alpha**2 * solution.curvature
+            + sigma / 3 * alpha**3 * norm**3
+        )
         stats.update(
-            model_decrease=solution.model_decrease,
-            step_norm=float(solution.step.norm()),
+            model_decrease=decrease,
+            step_norm=alpha * norm,
             subproblem_products=float(solution.products),
             model_gradient=solution.model_gradient,
         )
-        if not solution.model_decrease > 0:
+        if not decrease > 0:
             derivatives.release()  # a second-order stationary point of the model
             return derivatives.loss
 
-        new_loss = derivatives.loss_at(derivatives.point + solution.step)
-        ratio = (loss - new_loss) / solution.model_decrease
+        new_loss = derivatives.loss_at(derivatives.point + step)
+        ratio = (loss - new_loss) / decrease
         if not math.isfinite(ratio):
             ratio = -math.inf
         accepted = ratio >= settings["accept_ratio"]
@@ -250,5 +263,5 @@ class CubicNewton(ClosureOptimizer):
         stats.update(ratio=ratio, accepted=float(accepted), new_loss=new_loss)
         derivatives.release()
         if accepted:
-            write(derivatives.params, derivatives.point + solution.step)
+            write(derivatives.params, derivatives.point + step)
         return derivatives.loss

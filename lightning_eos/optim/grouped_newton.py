@@ -56,15 +56,13 @@ class GroupedNewton(ClosureOptimizer):
     :math:`\bar D_s = 0`), no step is taken.
 
     Safeguard (``adaptive=True``, an addition to the paper's method, which keeps
-    :math:`\lambda_{\mathrm{int}}` fixed): the loss at the new point is evaluated
-    (one more closure call, without backward pass) and compared with the model's
-    decrease as in ARC; the step is refused and :math:`\lambda_{\mathrm{int}}`
-    multiplied by 4 when the ratio is below 0.1, and
-    :math:`\lambda_{\mathrm{int}}` is halved, not below ``regularization``, when
-    it is above 0.9. On the digits MLP the diagonal third derivative along a bias
-    is tiny, the fixed-:math:`\lambda_{\mathrm{int}}` step gives it a learning rate
-    of order 10, and the loss jumps from 0.62 to 5 at the first step; the
-    safeguard prevents that. The current :math:`\lambda_{\mathrm{int}}` is kept in
+    λ_int fixed): the loss at the new point is evaluated (one more closure call,
+    without backward pass) and compared with the model's decrease as in ARC; the
+    step is refused and λ_int multiplied by 4 when the ratio is below 0.1, and
+    λ_int is halved, not below ``regularization``, when it is above 0.9. On the
+    digits MLP the diagonal third derivative along a bias is tiny, the fixed-λ_int
+    step gives it a learning rate of order 10, and the loss jumps from 0.62 to 5
+    at the first step; the safeguard prevents that. The current λ_int is kept in
     the optimizer state.
 
     Third derivatives through PyTorch's native BatchNorm (train mode) and
@@ -74,9 +72,8 @@ class GroupedNewton(ClosureOptimizer):
     :attr:`last_stats`: ``loss``, ``grad_norm``, ``groups`` (S),
     ``lr_min`` / ``lr_mean`` / ``lr_max`` (over the :math:`t_s`), ``lr_<s>`` for
     each group when S ≤ 16, ``model_decrease``, ``reduced_min_eigenvalue``
-    (of :math:`\bar H`), ``solved`` (1 or 0), ``regularization`` (the
-    :math:`\lambda_{\mathrm{int}}` used), and with the safeguard ``ratio`` and
-    ``accepted``.
+    (of :math:`\bar H`), ``solved`` (1 or 0), ``regularization`` (the λ_int
+    used), and with the safeguard ``ratio`` and ``accepted``.
 
     Unsupported (refused): gradient accumulation, gradient clipping, several
     processes, sharded strategies, ``precision="16-mixed"``.
@@ -88,8 +85,7 @@ class GroupedNewton(ClosureOptimizer):
         grouping: ``"tensor"`` (each tensor its own group), ``"param_group"`` or
             ``"single"`` (one learning rate: a Newton line step along ``-g``).
         max_solver_iter: Most Newton iterations on the small problem.
-        adaptive: Check each step against the model and adapt
-            :math:`\lambda_{\mathrm{int}}` (see above).
+        adaptive: Check each step against the model and adapt λ_int (see above).
 
     Raises:
         ValueError: For an argument outside its range, named in the message.

@@ -184,7 +184,7 @@ HELP = {
     ),
     "grouped": (
         ["fit", "--optimizer.help", "GroupedNewton"],
-        ["--optimizer.regularization", "{tensor,param_group,single}"],
+        ["--optimizer.regularization", "{tensor,param_group,single}", "of the cubic term"],
     ),
 }
 

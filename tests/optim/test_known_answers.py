@@ -158,3 +158,15 @@ def test_rejected_cubic_step_keeps_the_parameters_and_raises_sigma():
     assert optimizer.last_stats["ratio"] < 0.1
     assert float(x.detach()[0]) == 0.1
     assert optimizer.sigma == pytest.approx(4e-6)
+
+
+def test_cubic_step_scaled_by_lr():
+    g, h, sigma, lr = 1.0, 2.0, 1.0, 0.5
+    x = parameter(0.0)
+    optimizer = CubicNewton([x], sigma=sigma, lr=lr)
+    optimizer.step(closure_for(optimizer, [x], lambda x: g * x[0] + 0.5 * h * x[0] ** 2))
+
+    s = -2 * g / (h + math.sqrt(h * h + 4 * sigma * g))
+    assert float(x.detach()[0]) == pytest.approx(lr * s, rel=1e-14)
+    model = lr * g * s + 0.5 * lr**2 * h * s**2 + sigma / 3 * abs(lr * s) ** 3
+    assert optimizer.last_stats["model_decrease"] == pytest.approx(-model, rel=1e-12)
