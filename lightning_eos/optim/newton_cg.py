@@ -72,8 +72,7 @@ class NewtonCG(ClosureOptimizer):
     ``cg_residual``, ``negative_curvature`` (1 if the step followed negative
     curvature), ``min_eigenvalue`` (NaN unless the check ran), ``damping``,
     ``step_length`` (α, 0 for no step), ``direction_norm``, ``line_search_trials``,
-    ``new_loss``. Counters: see :attr:`counters`, plus
-    ``negative_curvature_steps``.
+    ``new_loss``, ``negative_curvature_steps`` (cumulative, saved in checkpoints).
 
     Unsupported (refused): gradient accumulation, gradient clipping, several
     processes, sharded strategies, ``precision="16-mixed"``.
@@ -213,6 +212,9 @@ class NewtonCG(ClosureOptimizer):
                     )
         else:
             derivatives.release()
+        stats["negative_curvature_steps"] = float(
+            self._global_state().get("negative_curvature_steps", 0)
+        )
         return derivatives.loss
 
     def _direction(

@@ -184,7 +184,11 @@ HELP = {
     ),
     "grouped": (
         ["fit", "--optimizer.help", "GroupedNewton"],
-        ["--optimizer.regularization", "{tensor,param_group,single}", "of the cubic term"],
+        [
+            "--optimizer.regularization",
+            "{tensor,param_group,single}",
+            "of the cubic",
+        ],
     ),
 }
 

@@ -164,7 +164,9 @@ def test_cubic_step_scaled_by_lr():
     g, h, sigma, lr = 1.0, 2.0, 1.0, 0.5
     x = parameter(0.0)
     optimizer = CubicNewton([x], sigma=sigma, lr=lr)
-    optimizer.step(closure_for(optimizer, [x], lambda x: g * x[0] + 0.5 * h * x[0] ** 2))
+    optimizer.step(
+        closure_for(optimizer, [x], lambda x: g * x[0] + 0.5 * h * x[0] ** 2)
+    )
 
     s = -2 * g / (h + math.sqrt(h * h + 4 * sigma * g))
     assert float(x.detach()[0]) == pytest.approx(lr * s, rel=1e-14)

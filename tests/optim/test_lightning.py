@@ -249,7 +249,7 @@ STATS = {
     "sam": (SAM_SGD, ["epsilon_norm", "perturbed_loss", "loss"]),
     "newton-cg": (
         partial(NewtonCG, damping=0.5),
-        ["cg_iterations", "negative_curvature", "damping", "step_length"],
+        ["cg_iterations", "negative_curvature_steps", "damping", "step_length"],
     ),
     "cubic": (CubicNewton, ["sigma", "model_decrease", "ratio"]),
 }
