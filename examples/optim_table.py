@@ -159,22 +159,33 @@ def figure(results: dict[str, dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name in [n for n in ORDER if n in results]:
+    colors = plt.get_cmap("tab10").colors
+    for index, name in enumerate(n for n in ORDER if n in results):
+        color = colors[index % len(colors)]
         trace = results[name]["trace"]
-        left.semilogy(
-            [t for _, t, _ in trace], [loss for _, _, loss in trace], label=name
-        )
+        times = [t for _, t, _ in trace]
+        left.semilogy(times, [v for _, _, v in trace], label=name, color=color)
         history = results[name]["sharpness_history"]
-        right.plot([s for s, _, _ in history], [v for _, v, _ in history], label=name)
+        steps = [s for s, _, _ in history]
+        right.plot(steps, [v for _, v, _ in history], label=name, color=color)
+        if name == "sam":  # SAM's own threshold moves with ‖∇L‖
+            right.plot(
+                steps,
+                [t for _, _, t in history],
+                color=color,
+                linestyle=":",
+                label="SAM-edge (sam)",
+            )
     left.set_xlabel("wall-clock time (s)")
     left.set_ylabel("training loss at the step's start")
-    left.set_title("Loss against time")
+    left.set_title("Loss against time (busy 2-core CPU)")
     left.legend(fontsize=7, ncol=2)
     right.axhline(
-        10.0, color="black", linestyle="--", linewidth=1, label="2/η = 10 (η = 0.2)"
+        10.0, color="black", linestyle="--", linewidth=1, label="2/η = 10 (sgd)"
     )
     right.set_xscale("symlog", linthresh=10)
-    right.set_xlabel("optimizer step")
+    right.set_xlim(left=0)
+    right.set_xlabel("optimizer step (linear to 10, then logarithmic)")
     right.set_ylabel("sharpness λ₁ (SharpnessMonitor)")
     right.set_title("Sharpness against steps")
     right.legend(fontsize=7, ncol=2)
