@@ -113,9 +113,7 @@ def cost_per_step(steps: int) -> None:
             f"{name:<16} {min(times):9.1f} {counts[0]:6.1f} {counts[1]:6.1f} "
             f"{counts[2]:6.1f} {counts[3]:5.1f}"
         )
-    print(
-        f"(fastest gradient evaluation, last measurement: {reference * 1e3:.1f} ms)"
-    )
+    print(f"(fastest gradient evaluation, last measurement: {reference * 1e3:.1f} ms)")
 
 
 def loss_over_time(budget: float) -> None:
