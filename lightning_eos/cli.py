@@ -15,8 +15,8 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 # Imported so that their classes resolve by class path, and by short name
-# (``--model MLP``), in configurations.
-from lightning_eos import callbacks, data, models  # noqa: F401
+# (``--model MLP``, ``--optimizer SAM``), in configurations.
+from lightning_eos import callbacks, data, models, optim  # noqa: F401
 
 __all__ = ["main"]
 

@@ -6,6 +6,7 @@ from lightning_eos.callbacks.minibatch import (
     MinibatchRecord,
     MinibatchSharpnessMonitor,
 )
+from lightning_eos.callbacks.optimizer_stats import OptimizerStatsLogger
 from lightning_eos.callbacks.preconditioned import (
     PreconditionedRecord,
     PreconditionedSharpnessMonitor,
@@ -21,6 +22,7 @@ __all__ = [
     "HessianTraceMonitor",
     "MinibatchRecord",
     "MinibatchSharpnessMonitor",
+    "OptimizerStatsLogger",
     "PreconditionedRecord",
     "PreconditionedSharpnessMonitor",
     "SharpnessMonitor",

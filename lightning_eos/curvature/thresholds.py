@@ -28,7 +28,8 @@ stability"), not on :math:`H`: no threshold on :math:`\lambda_1(H)` is returned 
 them.
 
 An optimizer of any other class can declare its own threshold by defining a method
-``stability_threshold(self) -> float | None``.
+``stability_threshold(self)`` that returns a float, ``None``, or a
+:class:`StabilityThreshold` (with its rule, or the reason why there is none).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> StabilityThreshold:
     declared = getattr(optimizer, "stability_threshold", None)
     if callable(declared):
         value = declared()
+        if isinstance(value, StabilityThreshold):
+            return value
         name = type(optimizer).__name__
         if value is None:
             return StabilityThreshold(None, reason=f"{name} declares no threshold")

@@ -10,6 +10,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_eos.losses import half_squared_error
+from lightning_eos.optim import backward_with_graph
 
 Activation = Literal["tanh", "relu", "elu", "gelu"]
 Loss = Literal["mse", "cross_entropy"]
@@ -86,6 +87,9 @@ class _Classifier(LightningModule):
     and logs it with the micro-averaged accuracy of :math:`\arg\max_c f(x_n)_c`.
     ``training_step`` and :meth:`curvature_loss` both take the loss from
     ``_outputs_and_loss``, so the probed loss is the trained loss by construction.
+    ``backward`` is :func:`~lightning_eos.optim.backward_with_graph`, so the
+    second-order optimizers of :mod:`lightning_eos.optim` get exact Hessian-vector
+    products; with any other optimizer it is Lightning's backward.
 
     Args:
         num_classes: The number of classes :math:`C`, at least 2.
@@ -108,6 +112,8 @@ class _Classifier(LightningModule):
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    backward = backward_with_graph
 
     def criterion(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Return the mean loss of ``outputs`` against ``targets`` (see the class).
