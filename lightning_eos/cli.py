@@ -11,6 +11,7 @@ LightningCLI's top-level ``optimizer:`` and ``lr_scheduler:`` sections::
     lightning-eos fit --config experiment.yaml
 """
 
+import jsonargparse
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
@@ -21,6 +22,21 @@ from lightning_eos import callbacks, data, models, optim  # noqa: F401
 __all__ = ["main"]
 
 
+def _google_docstrings() -> None:
+    """Read argument help from docstrings as Google style, the package's style.
+
+    jsonargparse otherwise guesses the style of each docstring, and takes one whose
+    line starts with a Sphinx role (``:class:`...```) for reStructuredText, which
+    loses the descriptions of every argument.
+    """
+    from docstring_parser import DocstringStyle
+
+    if hasattr(jsonargparse, "set_parsing_settings"):
+        jsonargparse.set_parsing_settings(docstring_parse_style=DocstringStyle.GOOGLE)
+    else:  # jsonargparse before 4.35
+        jsonargparse.set_docstring_parse_options(style=DocstringStyle.GOOGLE)
+
+
 def main(args: ArgsType = None) -> None:
     """Run the ``lightning-eos`` command line.
 
@@ -28,6 +44,7 @@ def main(args: ArgsType = None) -> None:
         args: The arguments, for example ``["fit", "--config", "run.yaml"]``;
             ``None`` reads them from ``sys.argv``.
     """
+    _google_docstrings()
     LightningCLI(
         model_class=LightningModule,
         datamodule_class=LightningDataModule,

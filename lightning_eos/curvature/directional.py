@@ -40,13 +40,14 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from lightning_eos.curvature.blocks import reduced_derivatives
 from lightning_eos.curvature.normalization import native_normalization_calls
 from lightning_eos.curvature.objective import ProbeObjective
 
@@ -119,13 +120,10 @@ def directional_derivatives(
         raise ValueError(
             f"`names` must hold one name per direction ({count}), got {len(labels)}."
         )
+    rows = rows.detach().to(dtype=objective.dtype, device=objective.device)
+    directions = [objective.split(row) for row in rows]
     theta = _point(objective, point)
-    rows = rows.to(dtype=objective.dtype, device=objective.device)
-
-    def build(t: Tensor) -> list[Tensor]:
-        return objective.split(theta + t @ rows)
-
-    return _derivatives(objective, build, labels, third_order)
+    return _derivatives(objective, theta, directions, labels, third_order)
 
 
 def block_derivatives(
@@ -183,18 +181,12 @@ def block_derivatives(
     """
     pieces = _direction_pieces(objective, directions)
     labels, members = group_members(objective.names, groups)
-    theta = objective.split(_point(objective, point))
-    index_of = {
-        index: group for group, indices in enumerate(members) for index in indices
-    }
-
-    def build(t: Tensor) -> list[Tensor]:
-        return [
-            base + t[index_of[index]] * piece
-            for index, (base, piece) in enumerate(zip(theta, pieces, strict=True))
-        ]
-
-    return _derivatives(objective, build, labels, third_order)
+    blocks = [
+        [piece if index in indices else None for index, piece in enumerate(pieces)]
+        for indices in members
+    ]
+    theta = _point(objective, point)
+    return _derivatives(objective, theta, blocks, labels, third_order)
 
 
 # -- the computation ------------------------------------------------------------------
@@ -202,10 +194,12 @@ def block_derivatives(
 
 def _derivatives(
     objective: ProbeObjective,
-    build: Callable[[Tensor], list[Tensor]],
+    theta: Tensor,
+    directions: list[list[Tensor | None]],
     names: list[str],
     third_order: ThirdOrder,
 ) -> BlockDerivatives:
+    """Sum :func:`reduced_derivatives` over the chunks, then over processes."""
     if third_order not in ("none", "diagonal", "full"):
         raise ValueError(
             f"`third_order` must be 'none', 'diagonal' or 'full', got {third_order!r}."
@@ -222,61 +216,32 @@ def _derivatives(
     loss = torch.zeros((), dtype=dtype, device=device)
     gradient = torch.zeros(count, dtype=dtype, device=device)
     hessian = torch.zeros(count, count, dtype=dtype, device=device)
-    third = torch.zeros(count, count, count, dtype=dtype, device=device)
-    need_third = third_order != "none"
+    shape = (count,) * (3 if third_order == "full" else 1)
+    third = torch.zeros(shape, dtype=dtype, device=device)
     passes = 0
-    # One leaf t for every chunk: each chunk's graph is separate, and is freed when
-    # the next chunk starts.
-    t = torch.zeros(count, dtype=dtype, device=device, requires_grad=True)
-    for chunk_loss in objective.chunk_losses(build(t)):
-        (first,) = torch.autograd.grad(chunk_loss, t, create_graph=True)
-        passes = 1
+    # Fresh leaves for every chunk: each chunk's graph is freed before the next.
+    variables = [t.requires_grad_() for t in objective.split(theta.clone())]
+    for chunk_loss in objective.chunk_losses(variables):
+        reduced = reduced_derivatives(
+            variables, directions, loss=chunk_loss, third_order=third_order
+        )
+        passes = 1 + reduced.num_hvps + reduced.num_third_order
         loss = loss + chunk_loss.detach()
-        gradient += first.detach()
-        rows: list[Tensor] = []
-        for i in range(count):
-            row = _grad(first[i], t, create_graph=need_third)
-            passes += 1
-            hessian[i] += row.detach()
-            rows.append(row)
-        if not need_third:
-            continue
-        for i in range(count):
-            for j in [i] if third_order == "diagonal" else range(i, count):
-                slab = _grad(rows[i][j], t, create_graph=False)
-                passes += 1
-                third[i, j] += slab
-                if j != i:
-                    third[j, i] += slab
+        gradient += reduced.gradient
+        hessian += reduced.hessian
+        if reduced.third_order is not None:
+            third += reduced.third_order
     packed = objective._reduce(
         torch.cat([loss.reshape(1), gradient, hessian.reshape(-1), third.reshape(-1)])
     ).double()
     gradient = packed[1 : 1 + count]
     hessian = packed[1 + count : 1 + count + count**2].reshape(count, count)
-    third = packed[1 + count + count**2 :].reshape(count, count, count)
-    hessian = (hessian + hessian.T) / 2
-    if third_order == "diagonal":
-        result = torch.diagonal(torch.diagonal(third)).clone()
-    elif third_order == "full":
-        result = symmetrize(third)
-    else:
-        result = None
+    result = None if third_order == "none" else packed[1 + count + count**2 :]
+    if third_order == "full":
+        result = symmetrize(result.reshape(count, count, count))
     return BlockDerivatives(
         names, float(packed[0]), gradient, hessian, result, num_backward=passes
     )
-
-
-def _grad(output: Tensor, variable: Tensor, create_graph: bool) -> Tensor:
-    if not output.requires_grad:  # a constant: its derivative is zero
-        return torch.zeros_like(variable)
-    (derivative,) = torch.autograd.grad(
-        output,
-        variable,
-        retain_graph=True,
-        create_graph=create_graph,
-        materialize_grads=True,
-    )
-    return derivative
 
 
 def symmetrize(tensor: Tensor) -> Tensor:

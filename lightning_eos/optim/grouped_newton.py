@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_eos.curvature.blocks import block_derivatives
+from lightning_eos.curvature.blocks import reduced_derivatives
 from lightning_eos.optim._base import (
     ClosureOptimizer,
     Derivatives,
@@ -46,10 +46,12 @@ class GroupedNewton(ClosureOptimizer):
     with :math:`\bar g_s = -\|g_s\|^2`, the reduced :math:`S \times S` Hessian
     :math:`\bar H_{su} = d_s^\top \nabla^2 L\, d_u` and the diagonal of the
     reduced third derivative :math:`\bar D_s = \nabla^3 L[d_s, d_s, d_s]`, all
-    computed exactly by :func:`lightning_eos.curvature.blocks.block_derivatives`
-    (:math:`S` Hessian-vector and :math:`S` third-order products). Without the
-    cubic term (:math:`\bar D = 0`, a quadratic loss) this is the exact Newton
-    step in :math:`t`; the anisotropic cubic term keeps it finite where
+    computed exactly from the closure's gradient graph by the function
+    :func:`~lightning_eos.curvature.blocks.reduced_derivatives`, which also serves
+    the probe :func:`~lightning_eos.curvature.block_derivatives` (:math:`S`
+    Hessian-vector and :math:`S` third-order products). Without the cubic term
+    (:math:`\bar D = 0`, a quadratic loss) this is the exact Newton step in
+    :math:`t`; the anisotropic cubic term keeps it finite where
     :math:`\bar H` is indefinite or ill-conditioned. The small problem is solved
     in float64 by a damped Newton method; the step is then scaled by ``lr``. If it
     has no minimizer (:math:`\bar H` not positive definite on groups with
@@ -172,15 +174,15 @@ class GroupedNewton(ClosureOptimizer):
             for members in groups
         ]
         try:
-            reduced = block_derivatives(
-                derivatives.params, directions, gradient=gradient, third_order=True
+            reduced = reduced_derivatives(
+                derivatives.params, directions, gradient=gradient
             )
             self.counters["hvps"] += reduced.num_hvps
             self.counters["third_order"] += reduced.num_third_order
-            assert reduced.third_diagonal is not None
+            assert reduced.third_order is not None
             g_bar = reduced.gradient.double()
             h_bar = reduced.hessian.double()
-            weights = reduced.third_diagonal.double().abs()
+            weights = reduced.third_order.double().abs()
             regularization = self.regularization
             t, _, solved = minimize_anisotropic_cubic(
                 g_bar, h_bar, regularization * weights, max_iter=self.max_solver_iter

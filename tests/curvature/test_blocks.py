@@ -4,18 +4,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from lightning_eos.curvature.blocks import block_derivatives
+from lightning_eos.curvature.blocks import reduced_derivatives
 from tests.curvature.cases import make_case
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny float64 problems: one thread is faster, and steady on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 GENERATOR = torch.Generator().manual_seed(7)
 C = torch.randn(5, generator=GENERATOR, dtype=torch.float64)
@@ -46,7 +36,9 @@ def test_polynomial_matches_its_analytic_derivatives():
     a = torch.tensor([0.4, -1.2], dtype=torch.float64, requires_grad=True)
     b = torch.tensor([0.7, 0.1, -0.5], dtype=torch.float64, requires_grad=True)
     blocks = random_blocks([(2,), (3,)], seed=1)
-    result = block_derivatives([a, b], block_directions(blocks), loss=polynomial(a, b))
+    result = reduced_derivatives(
+        [a, b], block_directions(blocks), loss=polynomial(a, b)
+    )
 
     x = torch.cat([a, b]).detach()
     d = [
@@ -66,7 +58,7 @@ def test_polynomial_matches_its_analytic_derivatives():
     )
     torch.testing.assert_close(result.hessian, expected_h, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(
-        result.third_diagonal,
+        result.third_order,
         torch.stack([(6 * C * di**3).sum() for di in d]),
         rtol=1e-13,
         atol=1e-13,
@@ -122,25 +114,25 @@ def test_network_matches_dense_derivatives_of_the_restricted_loss(layout):
     ]
     theta = torch.cat([p.detach().reshape(-1) for p in params])
 
-    result = block_derivatives(params, directions, loss=loss_of(params))
+    result = reduced_derivatives(params, directions, loss=loss_of(params))
     gradient, hessian, third = dense_reduced(loss_of_flat, theta, flat)
     torch.testing.assert_close(result.gradient, gradient, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(result.hessian, hessian, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(result.third_diagonal, third, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(result.third_order, third, rtol=1e-9, atol=1e-11)
 
 
 def test_gradient_from_backward_equals_gradient_from_loss():
     a = torch.tensor([0.4, -1.2], dtype=torch.float64, requires_grad=True)
     b = torch.tensor([0.7, 0.1, -0.5], dtype=torch.float64, requires_grad=True)
     directions = block_directions(random_blocks([(2,), (3,)], seed=1))
-    from_loss = block_derivatives([a, b], directions, loss=polynomial(a, b))
+    from_loss = reduced_derivatives([a, b], directions, loss=polynomial(a, b))
     with warnings.catch_warnings():  # PyTorch warns of the .grad reference cycle
         warnings.simplefilter("ignore")
         polynomial(a, b).backward(create_graph=True)
-    from_grad = block_derivatives([a, b], directions, gradient=[a.grad, b.grad])
+    from_grad = reduced_derivatives([a, b], directions, gradient=[a.grad, b.grad])
     for x, y in zip(
-        (from_loss.gradient, from_loss.hessian, from_loss.third_diagonal),
-        (from_grad.gradient, from_grad.hessian, from_grad.third_diagonal),
+        (from_loss.gradient, from_loss.hessian, from_loss.third_order),
+        (from_grad.gradient, from_grad.hessian, from_grad.third_order),
         strict=True,
     ):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
@@ -149,8 +141,8 @@ def test_gradient_from_backward_equals_gradient_from_loss():
 def test_bad_arguments_are_refused():
     a = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="exactly one"):
-        block_derivatives([a], [[torch.ones(2)]])
+        reduced_derivatives([a], [[torch.ones(2)]])
     with pytest.raises(ValueError, match=r"directions\[0\]\[0\]"):
-        block_derivatives([a], [[torch.ones(3)]], loss=(a**2).sum())
+        reduced_derivatives([a], [[torch.ones(3)]], loss=(a**2).sum())
     with pytest.raises(ValueError, match="one per parameter"):
-        block_derivatives([a], [[torch.ones(2), None]], loss=(a**2).sum())
+        reduced_derivatives([a], [[torch.ones(2), None]], loss=(a**2).sum())
