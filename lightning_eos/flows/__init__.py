@@ -1,0 +1,25 @@
+"""Gradient flow and the central flow, integrated beside a real optimizer.
+
+Everything here works on a :class:`~lightning_eos.curvature.ProbeObjective` and a
+flat parameter vector, inside or outside a training loop; the callback
+:class:`~lightning_eos.callbacks.FlowMonitor` runs them beside a Lightning fit.
+"""
+
+from lightning_eos.flows._base import FlowRecord, third_order_pairs
+from lightning_eos.flows.central_flow import CentralFlow
+from lightning_eos.flows.complementarity import (
+    ComplementarityError,
+    ComplementaritySolution,
+    solve_sdcp,
+)
+from lightning_eos.flows.gradient_flow import GradientFlow
+
+__all__ = [
+    "CentralFlow",
+    "ComplementarityError",
+    "ComplementaritySolution",
+    "FlowRecord",
+    "GradientFlow",
+    "solve_sdcp",
+    "third_order_pairs",
+]
