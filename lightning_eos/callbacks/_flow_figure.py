@@ -10,10 +10,13 @@ _NAMES = {"gradient": "gradient flow", "central": "central flow"}
 
 
 def centered_average(values: Sequence[float], half_width: int) -> list[float]:
-    """Mean over ``[i − half_width, i + half_width]`` (clipped at the ends)."""
+    """Mean over ``[i − half_width, i + half_width]``; NaN where it leaves the data."""
     out = []
     for index in range(len(values)):
-        window = values[max(0, index - half_width) : index + half_width + 1]
+        if index < half_width or index + half_width >= len(values):
+            out.append(float("nan"))
+            continue
+        window = values[index - half_width : index + half_width + 1]
         out.append(sum(window) / len(window))
     return out
 
@@ -73,9 +76,11 @@ def comparison_figure(history: Sequence[Any], title: str = "") -> Any:
     for name in flows:
         values = [r.flows[name].sharpness for r in history]
         sharpness.plot(steps, values, color=_COLORS[name], lw=1.2, label=_NAMES[name])
-    thresholds = [2.0 / r.lr for r in history]
-    sharpness.plot(steps, thresholds, ":", color="black", lw=1.0, label="2/η")
-    sharpness.set_ylabel("sharpness λ₁")
+    thresholds = [r.threshold for r in history]
+    preconditioned = bool(history) and history[0].threshold != 2.0 / history[0].lr
+    label = "threshold 2" if preconditioned else "2/η"
+    sharpness.plot(steps, thresholds, ":", color="black", lw=1.0, label=label)
+    sharpness.set_ylabel("sharpness λ₁(P⁻¹H)" if preconditioned else "sharpness λ₁")
     sharpness.legend(fontsize=8)
 
     for name in flows:

@@ -22,6 +22,11 @@ from lightning_eos.curvature.objective import ProbeObjective
 from lightning_eos.flows._base import FlowRecord, check_count, loss_and_gradient
 from lightning_eos.flows.central_flow import CentralFlow
 from lightning_eos.flows.gradient_flow import GradientFlow
+from lightning_eos.flows.rmsprop import (
+    PreconditionedHessian,
+    RMSPropCentralFlow,
+    RMSPropFlow,
+)
 
 FlowName = Literal["gradient", "central"]
 _PREFIX = {"gradient": "gradient_flow", "central": "central_flow"}
@@ -36,6 +41,8 @@ class FlowMonitorRecord:
     Attributes:
         step: The optimizer step; the flows are at time ``step``.
         lr: The learning rate of the step that led here.
+        threshold: The stability threshold of the flows' sharpness (2/η, or 2
+            on λ₁(P⁻¹H) for RMSProp).
         gd_loss: Gradient descent's loss on the probe set.
         gd_loss_average: Its mean over the last ``average_window`` steps.
         gd_gradient_norm_sq: ‖∇L‖² at gradient descent's point.
@@ -46,6 +53,7 @@ class FlowMonitorRecord:
 
     step: int
     lr: float
+    threshold: float
     gd_loss: float
     gd_loss_average: float
     gd_gradient_norm_sq: float
@@ -122,7 +130,11 @@ class FlowMonitor(CurvatureCallback):
         method: ``"rk4"`` or ``"euler"`` for gradient flow (and the central flow
             away from the threshold).
         substep_bound: Largest :math:`h\eta\lambda_1` of a substep.
-        tol: Relative residual tolerance of every eigensolve.
+        tol: Relative residual tolerance of the eigensolves that only find
+            :math:`\lambda_1` (gradient flow, gradient descent, the central flow
+            away from the threshold).
+        candidate_tol: The tolerance of the central flow's eigensolves once
+            eigenvalues are near :math:`2/\eta`.
         max_iter: Most Lanczos steps per eigensolve.
         average_window: Steps in gradient descent's running mean, at least 1.
         sharpness_every_n_steps: How often gradient descent's own λ₁ is measured
@@ -162,7 +174,8 @@ class FlowMonitor(CurvatureCallback):
         margin: float = 0.01,
         method: Literal["rk4", "euler"] = "rk4",
         substep_bound: float = 1.0,
-        tol: float = 1e-3,
+        tol: float = 1e-2,
+        candidate_tol: float = 1e-3,
         max_iter: int = 100,
         average_window: int = 20,
         sharpness_every_n_steps: int | None = 1,
@@ -211,6 +224,7 @@ class FlowMonitor(CurvatureCallback):
         self.central_options = {
             "substeps": substeps,
             "refresh_every": refresh_every,
+            "candidate_tol": candidate_tol,
             "margin": margin,
         }
         _check_flow_settings(self.flow_options, self.central_options)
@@ -223,6 +237,7 @@ class FlowMonitor(CurvatureCallback):
         self._norms: deque[float] = deque(maxlen=self.average_window)
         self._gd_vectors: Tensor | None = None
         self._lr: float | None = None
+        self._optimizer: dict[str, Any] = {}
 
     @property
     @override
@@ -268,7 +283,8 @@ class FlowMonitor(CurvatureCallback):
             raise MisconfigurationException(
                 f"FlowMonitor models one optimizer; the run has {len(optimizers)}."
             )
-        self._lr = _gradient_descent_lr(optimizers[0])
+        self._optimizer = _optimizer_model(optimizers[0])
+        self._lr = self._optimizer["lr"]
 
     # -- hooks -----------------------------------------------------------------------
 
@@ -314,7 +330,7 @@ class FlowMonitor(CurvatureCallback):
         batch_idx: int,
     ) -> None:
         # Read before the step: a per-step scheduler moves it before the batch ends.
-        self._lr = _gradient_descent_lr(trainer.optimizers[0])
+        self._lr = _optimizer_model(trainer.optimizers[0])["lr"]
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -344,7 +360,7 @@ class FlowMonitor(CurvatureCallback):
         if every is not None and step % every == 0:
             operator = HessianOperator(objective, point=theta)
             result = lanczos(
-                operator,
+                self._curvature(operator, trainer),
                 1,
                 tol=self.flow_options["tol"],
                 max_iter=self.flow_options["max_iter"],
@@ -367,6 +383,7 @@ class FlowMonitor(CurvatureCallback):
         record = FlowMonitorRecord(
             step=step,
             lr=self._lr,
+            threshold=self._threshold(),
             gd_loss=loss,
             gd_loss_average=sum(self._losses) / len(self._losses),
             gd_gradient_norm_sq=norm_sq,
@@ -377,7 +394,7 @@ class FlowMonitor(CurvatureCallback):
             "gd/loss_average": record.gd_loss_average,
             "gd/gradient_norm_sq": norm_sq,
             "gd/gradient_norm_sq_average": sum(self._norms) / len(self._norms),
-            "flows/threshold": 2.0 / self._lr,
+            "flows/threshold": self._threshold(),
         }
         if sharpness is not None:
             metrics["gd/sharpness"] = sharpness
@@ -442,24 +459,71 @@ class FlowMonitor(CurvatureCallback):
             if theta0 is None
             else theta0.to(device=objective.device, dtype=objective.dtype)
         )
+        extra: dict[str, Any] = {}
+        classes: tuple[type, type] = (GradientFlow, CentralFlow)
+        if self._optimizer["kind"] == "rmsprop":
+            classes = (RMSPropFlow, RMSPropCentralFlow)
+            extra = {
+                "alpha": self._optimizer["alpha"],
+                "eps": self._optimizer["eps"],
+                "nu": self._initial_average(objective, trainer),
+            }
         for name in sorted(self.flow_names, key=["gradient", "central"].index):
-            if name == "gradient":
-                flow = GradientFlow(
-                    objective, self._theta0, self._lr, **self.flow_options
-                )
-            else:
-                flow = CentralFlow(
-                    objective,
-                    self._theta0,
-                    self._lr,
-                    **self.flow_options,
-                    **self.central_options,
-                )
+            options = {**self.flow_options, **extra}
+            if name == "central":
+                options.update(self.central_options)
+            flow_class = classes[0] if name == "gradient" else classes[1]
+            flow = flow_class(objective, self._theta0, self._lr, **options)
             if name in restored.get("flows", {}):
                 flow.load_state_dict(restored["flows"][name])
             self.flows[name] = flow
         self._objective = objective
         return objective
+
+    def _threshold(self) -> float:
+        """2/η on λ₁(H) for gradient descent; 2 on λ₁(P⁻¹H) for RMSProp."""
+        assert self._lr is not None
+        return 2.0 if self._optimizer.get("kind") == "rmsprop" else 2.0 / self._lr
+
+    def _curvature(self, operator: HessianOperator, trainer: pl.Trainer) -> Any:
+        """H, or RMSProp's P^{-1/2} H P^{-1/2} for its next step.
+
+        RMSProp's next step uses the average ``α·square_avg + (1 − α)·∇L(θ)^⊙2``,
+        which includes the gradient at the current point.
+        """
+        if self._optimizer.get("kind") != "rmsprop":
+            return operator
+        alpha = self._optimizer["alpha"]
+        average = alpha * self._optimizer_average(operator.objective, trainer)
+        average = average + (1.0 - alpha) * operator.gradient().square()
+        preconditioner = (average.sqrt() + self._optimizer["eps"]) / self._lr
+        return PreconditionedHessian(operator, preconditioner.rsqrt())
+
+    @staticmethod
+    def _optimizer_average(objective: ProbeObjective, trainer: pl.Trainer) -> Tensor:
+        """RMSProp's ``square_avg`` in the flows' order (zeros where it has none)."""
+        optimizer = trainer.optimizers[0]
+        parameters = dict(objective.module.named_parameters())
+        pieces = []
+        for name in objective.names:
+            average = optimizer.state.get(parameters[name], {}).get("square_avg")
+            piece = (
+                torch.zeros(parameters[name].numel())
+                if average is None
+                else average.detach().reshape(-1)
+            )
+            pieces.append(piece.to(device=objective.device, dtype=objective.dtype))
+        return torch.cat(pieces)
+
+    def _initial_average(
+        self, objective: ProbeObjective, trainer: pl.Trainer
+    ) -> Tensor:
+        """ν(0) = α·(RMSProp's average so far) + (1 − α)·∇L(θ₀)^⊙2: its first step's."""
+        assert self._theta0 is not None
+        alpha = self._optimizer["alpha"]
+        average = self._optimizer_average(objective, trainer)
+        gradient = loss_and_gradient(objective, self._theta0)[1]
+        return alpha * average + (1.0 - alpha) * gradient.square()
 
     def _add_figure(self, trainer: pl.Trainer) -> None:
         loggers = [
@@ -518,40 +582,55 @@ class FlowMonitor(CurvatureCallback):
         self.flows = {}
 
 
-def _gradient_descent_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The learning rate of plain gradient descent, or a clear refusal."""
+def _optimizer_model(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What the flows need of the optimizer, or a clear refusal.
+
+    Gradient descent: ``torch.optim.SGD`` without momentum, weight decay, Nesterov or
+    ``maximize``. RMSProp: ``torch.optim.RMSprop`` without momentum, centring,
+    weight decay or ``maximize``. One learning rate (and α, ε) for all groups.
+    """
     name = type(optimizer).__name__
-    if type(optimizer) is not torch.optim.SGD:
-        raise MisconfigurationException(
-            f"FlowMonitor models plain gradient descent (torch.optim.SGD without "
-            f"momentum), not {name}."
+    if type(optimizer) is torch.optim.SGD:
+        kind, false, shared = "gd", ("nesterov", "maximize"), ("lr",)
+    elif type(optimizer) is torch.optim.RMSprop:
+        kind, false, shared = (
+            "rmsprop",
+            ("centered", "maximize"),
+            ("lr", "alpha", "eps"),
         )
-    lrs = set()
+    else:
+        raise MisconfigurationException(
+            "FlowMonitor models gradient descent (torch.optim.SGD without momentum) "
+            f"and RMSProp (torch.optim.RMSprop without momentum), not {name}."
+        )
+    values: dict[str, set[float]] = {key: set() for key in shared}
     for group in optimizer.param_groups:
         for key in ("momentum", "weight_decay"):
             if float(group.get(key, 0.0)):
                 raise MisconfigurationException(
-                    f"FlowMonitor models plain gradient descent; SGD has {key}="
-                    f"{group[key]}. Use {key}=0."
+                    f"FlowMonitor models plain {name}; it has {key}={group[key]}. "
+                    f"Use {key}=0."
                 )
-        for key in ("nesterov", "maximize"):
+        for key in false:
             if group.get(key, False):
                 raise MisconfigurationException(
-                    f"FlowMonitor models plain gradient descent; SGD has {key}=True."
+                    f"FlowMonitor models plain {name}; it has {key}=True."
                 )
-        lr = group["lr"]
-        lrs.add(float(lr.item()) if isinstance(lr, Tensor) else float(lr))
-    if len(lrs) != 1:
+        for key in shared:
+            value = group[key]
+            values[key].add(float(value.item()) if isinstance(value, Tensor) else value)
+    for key, found in values.items():
+        if len(found) != 1:
+            raise MisconfigurationException(
+                f"FlowMonitor needs one {key} for all parameter groups; got "
+                f"{sorted(found)}."
+            )
+    model = {"kind": kind, **{key: float(found.pop()) for key, found in values.items()}}
+    if not model["lr"] > 0:
         raise MisconfigurationException(
-            "FlowMonitor needs one learning rate for all parameter groups; got "
-            f"{sorted(lrs)}."
+            f"FlowMonitor needs a positive learning rate; got lr={model['lr']}."
         )
-    lr = lrs.pop()
-    if not lr > 0:
-        raise MisconfigurationException(
-            f"FlowMonitor needs a positive learning rate; got lr={lr}."
-        )
-    return lr
+    return model
 
 
 def _check_flow_settings(options: dict[str, Any], central: dict[str, Any]) -> None:

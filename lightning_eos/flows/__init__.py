@@ -13,6 +13,11 @@ from lightning_eos.flows.complementarity import (
     solve_sdcp,
 )
 from lightning_eos.flows.gradient_flow import GradientFlow
+from lightning_eos.flows.rmsprop import (
+    PreconditionedHessian,
+    RMSPropCentralFlow,
+    RMSPropFlow,
+)
 
 __all__ = [
     "CentralFlow",
@@ -20,6 +25,9 @@ __all__ = [
     "ComplementaritySolution",
     "FlowRecord",
     "GradientFlow",
+    "PreconditionedHessian",
+    "RMSPropCentralFlow",
+    "RMSPropFlow",
     "solve_sdcp",
     "third_order_pairs",
 ]

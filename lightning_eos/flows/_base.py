@@ -140,8 +140,10 @@ class _Flow:
         max_iter: int,
         extra_vectors: int,
         seed: int,
+        max_substeps: int = 256,
     ) -> None:
         self.lr = check_positive("lr", lr)
+        self.max_substeps = check_count("max_substeps", max_substeps)
         if method not in STABILITY_BOUNDS:
             raise ValueError(
                 f"`method` must be one of {tuple(STABILITY_BOUNDS)}, got {method!r}."
@@ -195,14 +197,16 @@ class _Flow:
         self.lr = lr
         return changed
 
-    def _eigenpairs(self, operator: Any, k: int) -> Eigenpairs:
+    def _eigenpairs(
+        self, operator: Any, k: int, tol: float | None = None
+    ) -> Eigenpairs:
         """Top-``k`` eigenpairs, warm-started from the previous ones."""
         k = min(k, operator.dim)
         block = min(k + self.extra_vectors, operator.dim)
         result = lanczos(
             operator,
             k,
-            tol=self.tol,
+            tol=self.tol if tol is None else tol,
             max_iter=self.max_iter,
             init=self.vectors,
             block_size=block,
@@ -214,6 +218,10 @@ class _Flow:
         if result.finite:
             self.vectors = torch.cat([result.eigenvectors, result.extra_vectors])
         return result
+
+    def _curvature_operator(self, operator: HessianOperator) -> Any:
+        """The operator whose top eigenvalue meets the threshold: H itself here."""
+        return operator
 
     def _gradient(self, theta: Tensor) -> Tensor:
         self._costs["gradients"] += 1
@@ -234,9 +242,9 @@ class _Flow:
         ``substep_bound``. ``gradient`` is :math:`\nabla L` at the current point.
         """
         eta = self.lr
-        count = max(
-            1, math.ceil(duration * eta * max(sharpness, 0.0) / self.substep_bound)
-        )
+        count = self._substep_count(duration * eta * max(sharpness, 0.0))
+        if count is None:
+            return
         h = duration / count
         theta = self.theta
         for index in range(count):
@@ -250,6 +258,23 @@ class _Flow:
             theta = theta - (h * eta / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
         self._substeps += count
         self.theta = theta
+
+    def _substep_count(self, stiffness: float) -> int | None:
+        """Substeps for ``stiffness`` = duration · (step-scaled λ₁); None if too many.
+
+        A flow that would need more than ``max_substeps`` substeps for one unit of
+        time stops (:attr:`failed` says why): explicit substeps cannot follow it.
+        """
+        count = max(1, math.ceil(stiffness / self.substep_bound))
+        if count > self.max_substeps:
+            self.failed = (
+                f"at time {self.time:g}: one unit of time needs {count} substeps "
+                f"(h·λ₁ ≤ {self.substep_bound} with a step-scaled λ₁ of "
+                f"{stiffness:.4g}), more than max_substeps={self.max_substeps}: the "
+                "flow is too stiff to integrate explicitly"
+            )
+            return None
+        return count
 
     def _start_clock(self) -> float:
         return time.perf_counter()

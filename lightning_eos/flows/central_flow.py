@@ -17,6 +17,7 @@ from lightning_eos.flows._base import (
     _Flow,
     check_count,
     check_positive,
+    loss_and_gradient,
     third_order_pairs,
 )
 from lightning_eos.flows.complementarity import (
@@ -115,10 +116,16 @@ class CentralFlow(_Flow):
             a candidate, in ``(0, 0.5]``.
         method: Integrator away from the threshold (see :class:`GradientFlow`).
         substep_bound: Largest :math:`h\eta\lambda_1` away from the threshold.
-        tol: Relative residual tolerance of the eigensolver, in ``(0, 0.5]``.
+        tol: Relative residual tolerance of the eigensolver while there is no
+            candidate (it then only finds :math:`\lambda_1`), in ``(0, 0.5]``.
+        candidate_tol: The tolerance once there are candidates: their eigenvectors
+            enter the third-order vectors, and an error :math:`\epsilon` in them
+            is an error of order :math:`\epsilon` in Σ. In ``(0, 0.5]``.
         max_iter: Most Lanczos steps per eigensolve.
         extra_vectors: Ritz vectors kept beyond the tracked ones for warm starts.
         seed: Seed of the eigensolver's random start vectors.
+        max_substeps: Most substeps per unit of time away from the threshold (see
+            :class:`GradientFlow`).
 
     Raises:
         ValueError: For an argument outside its range.
@@ -139,10 +146,12 @@ class CentralFlow(_Flow):
         margin: float = 0.01,
         method: Method = "rk4",
         substep_bound: float = 1.0,
-        tol: float = 1e-3,
+        tol: float = 1e-2,
+        candidate_tol: float = 1e-3,
         max_iter: int = 100,
         extra_vectors: int = 1,
         seed: int = 0,
+        max_substeps: int = 256,
     ) -> None:
         super().__init__(
             objective,
@@ -154,6 +163,7 @@ class CentralFlow(_Flow):
             max_iter=max_iter,
             extra_vectors=extra_vectors,
             seed=seed,
+            max_substeps=max_substeps,
         )
         self.substeps = check_count("substeps", substeps)
         self.refresh_every = (
@@ -162,8 +172,12 @@ class CentralFlow(_Flow):
             else check_count("refresh_every", refresh_every)
         )
         self.margin = check_positive("margin", margin, 0.5)
+        self.candidate_tol = check_positive("candidate_tol", candidate_tol, 0.5)
         self.tracked = 1
         self.detached = False  # whether it has ever left gradient flow
+        self._frame: dict[str, Any] | None = None  # the last refresh
+        self._since_refresh = 0  # substeps taken since it
+        self._solution: np.ndarray | None = None  # S of the last substep
 
     # -- public -----------------------------------------------------------------------
 
@@ -173,12 +187,20 @@ class CentralFlow(_Flow):
             return self._cache["record"]
         started = self._start_clock()
         snapshot = self._snapshot()
-        frame = self._refresh(warm=None)
-        x = self._solve(frame, frame["gradient"], 1.0 / self.substeps)
-        frame["solution"] = x
+        measured = self._needs_refresh()
+        if measured:
+            frame = self._refresh()
+            loss, gradient = frame["loss"], frame["gradient"]
+        else:
+            frame = self._frame
+            self._costs["gradients"] += 1
+            loss, gradient = loss_and_gradient(self.objective, self.theta)
+        x = self._solve(frame, gradient, 1.0 / self.substeps, warm=self._solution)
+        self._solution = x
         self._stop_clock(started)
-        self._cache = {**snapshot, "frame": frame, "record": self._record(frame, x)}
-        return self._cache["record"]
+        record = self._record(frame, loss, gradient, x, measured)
+        self._cache = {**snapshot, "record": record, "gradient": gradient}
+        return record
 
     def advance(self, duration: float = 1.0, lr: float | None = None) -> None:
         """Integrate over ``duration`` steps (with learning rate ``lr`` if given).
@@ -188,16 +210,17 @@ class CentralFlow(_Flow):
         """
         if self._set_lr(duration, lr):
             self._cache = None  # the threshold moved: recompute the candidates
-        self.observe()
+        record = self.observe()
         if self.failed is not None:
             self.time += duration
+            self._moved()
             return
         started = self._start_clock()
-        frame = self._cache["frame"]
-        if frame["count"] == 0:
-            self._gradient_flow(duration, frame["gradient"], frame["eigenvalues"][0])
+        assert self._frame is not None
+        if self._frame["count"] == 0:
+            self._gradient_flow(duration, self._cache["gradient"], record.sharpness)
         else:
-            self._central_substeps(duration, frame)
+            self._central_substeps(duration, self._cache["gradient"])
         self.time += duration
         self._moved()
         self._stop_clock(started)
@@ -237,7 +260,8 @@ class CentralFlow(_Flow):
         record = flow.observe()
         cache = flow._cache
         self.theta, self.time, self.tracked = flow.theta, flow.time, 1
-        if record.eigenvalues[0] >= (1.0 - self.margin) * 2.0 / self.lr:
+        self._frame, self._since_refresh, self._solution = None, 0, None
+        if record.eigenvalues[0] >= (1.0 - self.margin) * self._threshold():
             self.detached = True
             self.vectors = cache["vectors_before"]
             self.generator.set_state(cache["generator_before"])
@@ -245,92 +269,97 @@ class CentralFlow(_Flow):
             return False
         self.vectors = flow.vectors
         self.generator.set_state(flow.generator.get_state())
-        frame = {
-            "gradient": cache["gradient"],
-            "loss": record.loss,
-            "eigenvalues": record.eigenvalues,
+        self._frame = {
             "count": 0,
-            "point": self.theta,
-            "solution": np.zeros(0),
+            "lr": self.lr,
+            "eigenvalues": torch.tensor(record.eigenvalues, dtype=torch.float64),
         }
         self._cache = {
+            **self._snapshot(),
             "vectors_before": cache["vectors_before"],
             "generator_before": cache["generator_before"],
-            "tracked_before": 1,
-            "frame": frame,
             "record": dataclasses.replace(record),
+            "gradient": cache["gradient"],
         }
         return True
 
     # -- the integration --------------------------------------------------------------
 
-    def _central_substeps(self, duration: float, frame: dict[str, Any]) -> None:
+    def _needs_refresh(self) -> bool:
+        frame = self._frame
+        return (
+            frame is None
+            or frame["count"] == 0
+            or frame["lr"] != self.lr
+            or self._since_refresh >= self.refresh_every
+        )
+
+    def _central_substeps(self, duration: float, gradient: Tensor) -> None:
         count = max(1, math.ceil(duration * self.substeps - 1e-9))
         h = duration / count
-        eta = self.lr
-        x = frame["solution"]
+        x = self._solution
         if h != 1.0 / self.substeps:
-            x = self._solve(frame, frame["gradient"], h, warm=x)
+            x = self._solve(self._frame, gradient, h, warm=x)
         for index in range(count):
             if index > 0:
-                if index % self.refresh_every == 0:
-                    frame = self._refresh(warm=(frame, x))
-                    if frame["count"] == 0:  # every candidate left: gradient flow
-                        self.theta = self.theta - (h * eta) * frame["gradient"]
-                        continue
-                    gradient = frame["gradient"]
+                if self._needs_refresh():
+                    gradient = self._refresh()["gradient"]
                 else:
                     gradient = self._gradient(self.theta)
-                x = self._solve(frame, gradient, h, warm=x)
-            else:
-                gradient = frame["gradient"]
+                if self._frame["count"] == 0:  # every candidate left
+                    self._euler_step(self._frame, gradient, None, h)
+                    self._since_refresh += 1
+                    continue
+                x = self._solve(self._frame, gradient, h, warm=self._solution)
             if self.failed is not None:
-                return
-            correction = 0.5 * (frame["tau"].T @ frame["to_tensor"](x))
-            self.theta = self.theta - (h * eta) * (gradient + correction)
+                break
+            self._solution = x
+            self._euler_step(self._frame, gradient, x, h)
+            self._since_refresh += 1
         self._substeps += count
 
-    def _refresh(self, warm: tuple[dict[str, Any], np.ndarray] | None) -> dict:
+    def _refresh(self) -> dict[str, Any]:
         """Eigenpairs, candidates and third-order vectors at the current point."""
         operator = self._hessian()
-        threshold = 2.0 / self.lr
+        curvature = self._curvature_operator(operator)
+        threshold = self._threshold()
+        old = self._frame
+        tol = self.candidate_tol if old is not None and old["count"] else self.tol
         while True:
-            result = self._eigenpairs(operator, self.tracked)
+            result = self._eigenpairs(curvature, self.tracked, tol)
             values = result.eigenvalues
             count = int((values >= (1.0 - self.margin) * threshold).sum())
+            if count and tol != self.candidate_tol:
+                tol = self.candidate_tol  # the first candidate: solve again, tighter
+                continue
             if count < len(values) or len(values) >= operator.dim:
                 break
             self.tracked += 1  # every tracked eigenvalue is a candidate: look further
         self.tracked = min(count + 1, operator.dim)
-        vectors = result.eigenvectors[:count]
+        vectors = self._directions(result.eigenvectors[:count])
         frame: dict[str, Any] = {
+            "count": count,
+            "lr": self.lr,
+            "eigenvalues": values.clone(),
             "gradient": operator.gradient(),
             "loss": operator.loss(),
-            "eigenvalues": [float(v) for v in values],
-            "count": count,
             "point": self.theta,
             "vectors": vectors,
-            "to_tensor": lambda x: torch.from_numpy(x).to(
-                dtype=self.theta.dtype, device=self.theta.device
-            ),
         }
-        if count == 0:
-            return frame
-        pairs = third_order_pairs(operator, vectors)
-        self._costs["third_order"] += pairs.shape[0]
-        scale = torch.as_tensor(svec_scale(count), dtype=pairs.dtype)
-        tau = pairs * scale.to(pairs.device)[:, None]
-        frame["tau"] = tau
-        frame["gram"] = (tau @ tau.T).double().cpu().numpy()
-        frame["diagonal"] = svec(np.diag(threshold - values[:count].numpy()))
-        if warm is not None:
-            old_frame, old_x = warm
-            rotation = (vectors @ old_frame["vectors"].T).double().cpu().numpy()
-            frame["warm"] = (
-                svec(rotation @ smat(old_x, len(old_frame["vectors"])) @ rotation.T)
-                if old_frame["count"]
-                else None
-            )
+        if count:
+            pairs = third_order_pairs(operator, vectors)
+            self._costs["third_order"] += pairs.shape[0]
+            scale = torch.as_tensor(svec_scale(count)).to(pairs)
+            frame["tau"] = pairs * scale[:, None]
+            self._extend(frame)
+        # Carry the last S over to the new basis as a warm start: R S Rᵀ, R = UᵀU'.
+        if count and self._solution is not None and old and old["count"]:
+            rotation = (vectors @ old["vectors"].T).double().cpu().numpy()
+            old_sigma = smat(self._solution, old["count"])
+            self._solution = svec(rotation @ old_sigma @ rotation.T)
+        else:
+            self._solution = None
+        self._frame, self._since_refresh = frame, 0
         return frame
 
     def _solve(
@@ -340,60 +369,112 @@ class CentralFlow(_Flow):
         h: float,
         warm: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Σ (as svec coordinates of S) for a substep of length ``h`` from here."""
+        """S (svec coordinates) for a substep of length ``h`` from the current point."""
         count = frame["count"]
-        if count == 0:
-            return np.zeros(0)
-        eta = self.lr
-        tau = frame["tau"]
-        displacement = self.theta - frame["point"]
-        along_gradient = (tau @ gradient).double().cpu().numpy()
-        along_move = (tau @ displacement).double().cpu().numpy()
-        c = along_gradient + (frame["diagonal"] - along_move) / (h * eta)
-        warm = warm if warm is not None else frame.get("warm")
+        if count == 0 or self.failed is not None:
+            return np.zeros(count * (count + 1) // 2)
+        c = self._linear(frame, gradient, h)
         try:
-            x, _ = solve_svec(c, 0.5 * frame["gram"], count, warm=warm)
+            x, _ = solve_svec(c, self._quadratic(frame), count, warm=warm)
         except ComplementarityError as error:
             self.failed = f"at time {self.time:g}: {error}"
             return np.zeros_like(c)
         return x
 
-    def _record(self, frame: dict[str, Any], x: np.ndarray) -> FlowRecord:
-        if frame["count"]:
-            self.detached = True
+    # -- what the optimizer decides (gradient descent here) ---------------------------
+
+    def _threshold(self) -> float:
+        """The eigenvalue of the curvature operator at which steps become unstable."""
+        return 2.0 / self.lr
+
+    def _directions(self, vectors: Tensor) -> Tensor:
+        """The directions u_a of Σ from the eigenvectors of the curvature operator."""
+        return vectors
+
+    def _extend(self, frame: dict[str, Any]) -> None:
+        """Precompute at a refresh: the Gram matrix of the third-order vectors."""
+        frame["gram"] = (frame["tau"] @ frame["tau"].T).double().cpu()
+
+    def _quadratic(self, frame: dict[str, Any]) -> np.ndarray:
+        """The quadratic term ½ τ τᵀ: ⟨S, β[S]⟩ = ½‖Σ S_ij T[u_i, u_j]‖²."""
+        return 0.5 * frame["gram"].numpy()
+
+    def _linear(self, frame: dict[str, Any], gradient: Tensor, h: float) -> np.ndarray:
+        """The linear term svec(A) + svec(2/η I − M)/(hη), svec(A)_p = ⟨τ_p, ∇L⟩."""
+        eta = self.lr
+        along_gradient = (frame["tau"] @ gradient).double().cpu().numpy()
         count = frame["count"]
-        gradient = frame["gradient"]
+        gap = svec(2.0 / eta * np.eye(count) - self._predicted_curvature(frame))
+        return along_gradient + gap / (h * eta)
+
+    def _predicted_curvature(self, frame: dict[str, Any]) -> np.ndarray:
+        """M = UᵀH(θ)U to first order from the refresh: diag(λ) + ⟨T[u_a, u_b], Δ⟩."""
+        count = frame["count"]
+        moved = self.theta - frame["point"]
+        along_move = (frame["tau"] @ moved).double().cpu().numpy()
+        diagonal = svec(np.diag(frame["eigenvalues"][:count].numpy()))
+        return smat(diagonal + along_move, count)
+
+    def _euler_step(
+        self, frame: dict[str, Any], gradient: Tensor, x: np.ndarray | None, h: float
+    ) -> None:
+        """θ ← θ − hη(∇L + ½ Σ S_ij T[u_i, u_j])."""
+        velocity = gradient
+        if x is not None:
+            tau = frame["tau"]
+            velocity = gradient + 0.5 * (tau.T @ torch.from_numpy(x).to(tau))
+        self.theta = self.theta - (h * self.lr) * velocity
+
+    def _predictions(
+        self,
+        frame: dict[str, Any],
+        loss: float,
+        norm_sq: float,
+        sigma: np.ndarray,
+        curvature: np.ndarray,
+    ) -> tuple[float, float, np.ndarray]:
+        """Time-averaged loss and ‖∇L‖², and the variances (eigenvalues of Σ)."""
+        average_loss = loss + float(np.trace(sigma)) / self.lr
+        average_norm = norm_sq + float(np.sum((curvature @ sigma) * curvature))
+        return average_loss, average_norm, np.linalg.eigvalsh(sigma)[::-1]
+
+    def _record(
+        self,
+        frame: dict[str, Any],
+        loss: float,
+        gradient: Tensor,
+        x: np.ndarray,
+        measured: bool,
+    ) -> FlowRecord:
+        count = frame["count"]
+        eigenvalues = frame["eigenvalues"].tolist()
+        curvature = np.zeros((0, 0))
+        if count:
+            self.detached = True
+            curvature = self._predicted_curvature(frame)
+            if not measured:  # between refreshes: first-order predictions
+                predicted = np.linalg.eigvalsh(curvature)[::-1].tolist()
+                eigenvalues = sorted(predicted + eigenvalues[count:], reverse=True)
         norm_sq = float(gradient.square().sum())
-        loss = frame["loss"]
-        if self.failed is not None:
-            nan = math.nan
-            return FlowRecord(
-                time=self.time,
-                loss=loss,
-                gradient_norm_sq=norm_sq,
-                sharpness=frame["eigenvalues"][0],
-                eigenvalues=frame["eigenvalues"],
-                loss_average=nan,
-                gradient_norm_sq_average=nan,
-                candidates=count,
-                **self._take_costs(),
-            )
         sigma = smat(x, count) if count else np.zeros((0, 0))
-        values = np.linalg.eigvalsh(sigma)[::-1] if count else np.zeros(0)
+        average_loss, average_norm, values = loss, norm_sq, np.zeros(0)
+        if count:
+            average_loss, average_norm, values = self._predictions(
+                frame, loss, norm_sq, sigma, curvature
+            )
         largest = float(values[0]) if count else 0.0
         rank = int((values > 1e-7 * largest).sum()) if largest > 0 else 0
-        curvature = np.asarray(frame["eigenvalues"][:count])
+        failed = self.failed is not None
         return FlowRecord(
             time=self.time,
             loss=loss,
             gradient_norm_sq=norm_sq,
-            sharpness=frame["eigenvalues"][0],
-            eigenvalues=frame["eigenvalues"],
-            loss_average=loss + float(np.trace(sigma)) / self.lr,
-            gradient_norm_sq_average=norm_sq
-            + float(np.sum(curvature[:, None] * sigma * curvature[None, :])),
-            variances=[float(v) for v in values[:rank]],
-            critical=rank,
+            sharpness=eigenvalues[0],
+            eigenvalues=eigenvalues,
+            loss_average=math.nan if failed else average_loss,
+            gradient_norm_sq_average=math.nan if failed else average_norm,
+            variances=[] if failed else [float(v) for v in values[:rank]],
+            critical=0 if failed else rank,
             candidates=count,
             **self._take_costs(),
         )
@@ -401,12 +482,18 @@ class CentralFlow(_Flow):
     # -- checkpoint state -------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """See :meth:`GradientFlow.state_dict`; adds the number of tracked pairs."""
+        """See :meth:`GradientFlow.state_dict`; adds the last refresh and S."""
         state = super().state_dict()
-        state["tracked"] = (
-            self._cache["tracked_before"] if self._cache is not None else self.tracked
+        before = self._cache if self._cache is not None else self._snapshot()
+        frame = before["frame_before"]
+        solution = before["solution_before"]
+        state.update(
+            tracked=before["tracked_before"],
+            detached=self.detached,
+            since_refresh=before["since_refresh_before"],
+            frame=None if frame is None else _to_cpu(frame),
+            solution=None if solution is None else torch.from_numpy(solution.copy()),
         )
-        state["detached"] = self.detached
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -414,6 +501,31 @@ class CentralFlow(_Flow):
         super().load_state_dict(state)
         self.tracked = state["tracked"]
         self.detached = state["detached"]
+        self._since_refresh = state["since_refresh"]
+        frame = state["frame"]
+        self._frame = None if frame is None else _to_device(frame, self.theta)
+        solution = state["solution"]
+        self._solution = None if solution is None else solution.numpy().copy()
 
     def _snapshot(self) -> dict[str, Any]:
-        return {**super()._snapshot(), "tracked_before": self.tracked}
+        return {
+            **super()._snapshot(),
+            "tracked_before": self.tracked,
+            "frame_before": self._frame,
+            "since_refresh_before": self._since_refresh,
+            "solution_before": self._solution,
+        }
+
+
+def _to_cpu(frame: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.cpu() if isinstance(v, Tensor) else v for k, v in frame.items()}
+
+
+def _to_device(frame: dict[str, Any], like: Tensor) -> dict[str, Any]:
+    """Move a saved frame's vectors next to ``like`` (float64 bookkeeping stays)."""
+    return {
+        key: value.to(device=like.device, dtype=like.dtype)
+        if isinstance(value, Tensor) and key not in ("eigenvalues", "gram")
+        else value
+        for key, value in frame.items()
+    }

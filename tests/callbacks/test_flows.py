@@ -215,6 +215,47 @@ def test_unmodelled_runs_are_refused_before_training(tmp_path, module, match):
     )
 
 
+class RMSPropRegressor(Regressor):
+    def __init__(self, lr: float = 0.01, **kwargs):
+        super().__init__(lr=lr)
+        self.options = kwargs
+
+    def configure_optimizers(self):
+        options = {"alpha": 0.9, **self.options}
+        return torch.optim.RMSprop(self.parameters(), lr=self.lr, **options)
+
+
+def test_rmsprop_central_flow_holds_the_preconditioned_sharpness_at_two(tmp_path):
+    torch.manual_seed(0)
+    callback = monitor(sharpness_every_n_steps=12)
+    fit(tmp_path, RMSPropRegressor(lr=0.01), [callback], 36)
+
+    central = [r.flows["central"] for r in callback.history]
+    stable = [r.flows["gradient"] for r in callback.history]
+    # It enters at step 12 (λ₁(P⁻¹H) = 2.05: the stable flow's last unit of time
+    # overshot) and settles at 2 within a few steps.
+    assert central[11].critical == 0 and central[12].critical > 0
+    assert all(r.sharpness == pytest.approx(2.0, rel=0.01) for r in central[17:])
+    assert all(r.critical > 0 for r in central[12:])
+    assert stable[-1].sharpness > 4.0  # the stable flow leaves the edge
+    last = callback.history[-1]
+    assert last.threshold == 2.0
+    assert last.distances["central"] < 0.7 * last.distances["gradient"]
+    # RMSProp's own preconditioned sharpness is at the edge too (it oscillates).
+    assert all(1.5 < r.gd_sharpness < 4.0 for r in callback.history[12::12])
+    assert callback.flows["central"].nu.shape == callback.flows["central"].theta.shape
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"centered": True}, "centered=True"), ({"momentum": 0.5}, "momentum=0.5")],
+    ids=["centered", "momentum"],
+)
+def test_rmsprop_variants_are_refused(tmp_path, options, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        fit(tmp_path, RMSPropRegressor(**options), [monitor()], 2)
+
+
 def test_gradient_clipping_is_refused(tmp_path):
     with pytest.raises(MisconfigurationException, match="clips gradients"):
         fit(tmp_path, Regressor(), [monitor()], 3, gradient_clip_val=1.0)

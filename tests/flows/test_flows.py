@@ -138,11 +138,15 @@ def test_curvature_just_below_the_threshold_gets_no_weight():
 # -- the toy model of the paper --------------------------------------------------------
 
 
-def test_toy_central_flow_is_stationary_at_the_predicted_point():
+@pytest.mark.parametrize("refresh_every", [None, 12], ids=lambda r: f"refresh{r}")
+def test_toy_central_flow_is_stationary_at_the_predicted_point(refresh_every):
     # z grows at rate ηk until s₀ + cz = 2/η at z* = 5; there Σ = σ² = 2k/c = 0.1
     # balances the gradient: ∇L + ½σ²∇S = (0, −k + ½σ²c) = 0.
     model = Toy(0.3, 4.95)
-    flow = CentralFlow(objective(model, toy_loss), torch.tensor([0.3, 4.95]), lr=ETA)
+    point = torch.tensor([0.3, 4.95])
+    flow = CentralFlow(
+        objective(model, toy_loss), point, lr=ETA, refresh_every=refresh_every
+    )
     records = run(flow, 90)
     late = records[-10:]
     for record in late:
@@ -167,11 +171,15 @@ def test_toy_gradient_descent_time_average_matches_the_prediction():
 # -- determinism, checkpoints, bad settings --------------------------------------------
 
 
-def test_integration_is_deterministic_and_resumable():
+@pytest.mark.parametrize("refresh_every", [None, 2, 12], ids=lambda r: f"refresh{r}")
+def test_integration_is_deterministic_and_resumable(refresh_every):
     def fresh():
         model = Toy(0.3, 4.97)
         return CentralFlow(
-            objective(model, toy_loss), torch.tensor([0.3, 4.97]), lr=ETA
+            objective(model, toy_loss),
+            torch.tensor([0.3, 4.97]),
+            lr=ETA,
+            refresh_every=refresh_every,
         )
 
     straight = fresh()
