@@ -44,21 +44,57 @@ class DigitsGD(MLP):
         return torch.optim.SGD(self.parameters(), lr=0.2)
 
 
-def gradient_seconds(module, dtype, repeats=20):
+class Progress(pl.Callback):
+    """Prints a line every 50 steps (the benchmark runs for minutes)."""
+
+    def __init__(self, monitor):
+        self.monitor, self.started = monitor, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step % 50 == 0 and self.monitor.history:
+            record = self.monitor.history[-1]
+            central = record.flows["central"]
+            print(
+                f"step {record.step:4d}  {time.perf_counter() - self.started:6.0f} s  "
+                f"GD loss {record.gd_loss:.4f}  central λ₁ {central.sharpness:.3f} "
+                f"critical {central.critical}",
+                flush=True,
+            )
+
+
+class SaveCentralFlow(pl.Callback):
+    """Saves the central flow's state at chosen steps (for central_flow_refresh.py)."""
+
+    def __init__(self, monitor, steps, directory):
+        self.monitor, self.steps, self.directory = monitor, set(steps), directory
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step in self.steps:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            state = self.monitor.flows["central"].state_dict()
+            torch.save(state, self.directory / f"central_{trainer.global_step}.pt")
+
+
+def gradient_seconds(module, dtype, device, repeats=20):
     """Seconds of one full-batch gradient of the flows' loss (same dtype, threads)."""
     data = DigitsDataModule()
     data.setup("fit")
+    module = module.to(device)
     objective = ProbeObjective(
         module,
-        [data.train_dataset.tensors],
+        [tuple(t.to(device) for t in data.train_dataset.tensors)],
         batch_loss=lambda m, b: m.curvature_loss(b),
         dtype=dtype,
     )
     theta = objective.point()
     loss_and_gradient(objective, theta)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(repeats):
         loss_and_gradient(objective, theta)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return (time.perf_counter() - started) / repeats
 
 
@@ -74,6 +110,17 @@ def claims(history, threshold=10.0):
         results.append({"claim": text, "pass": bool(passed), "numbers": numbers})
 
     reached = next((i for i, r in enumerate(central) if r.critical > 0), None)
+    entered = next((i for i, r in enumerate(central) if r.candidates > 0), len(steps))
+    same = all(
+        history[i].distances.get("central") == history[i].distances.get("gradient")
+        and central[i].loss == gradient[i].loss
+        for i in range(entered)
+    )
+    claim(
+        "central flow = gradient flow (Σ = 0) until an eigenvalue nears 2/η",
+        same and all(r.critical == 0 for r in central[:entered]),
+        {"first_candidate_at": steps[entered] if entered < len(steps) else None},
+    )
     if reached is not None:
         held = [r.sharpness for r in central[reached:]]
         claim(
@@ -177,6 +224,7 @@ def cost_table(history, grad_seconds):
                 "gradient_equivalents": seconds / grad_seconds,
                 "hvps": statistics.mean(f.products for f in flows),
                 "third_order": statistics.mean(f.third_order for f in flows),
+                "candidates": statistics.mean(f.candidates for f in flows),
                 "gradients": statistics.mean(f.gradients for f in flows),
             }
         )
@@ -191,6 +239,8 @@ def main() -> None:
     parser.add_argument("--refresh-every", type=int, default=None)
     parser.add_argument("--sharpness-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--save-states", type=int, nargs="*", default=[])
+    parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs/readme/flows.png")
     parser.add_argument(
         "--json",
@@ -212,7 +262,7 @@ def main() -> None:
         dtype=args.dtype,
     )
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=1,
         max_steps=args.steps,
         max_epochs=-1,
@@ -221,12 +271,17 @@ def main() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[monitor],
+        callbacks=[
+            monitor,
+            Progress(monitor),
+            SaveCentralFlow(monitor, args.save_states, args.json.parent / "states"),
+        ],
     )
     started = time.perf_counter()
     trainer.fit(module, DigitsDataModule())
     wall = time.perf_counter() - started
-    grad_seconds = gradient_seconds(module, dtype)
+    device = torch.device("cuda" if args.accelerator in ("gpu", "cuda") else "cpu")
+    grad_seconds = gradient_seconds(module, dtype, device)
 
     history = monitor.history
     gf_seconds = sum(r.flows["gradient"].seconds for r in history)
@@ -248,10 +303,13 @@ def main() -> None:
 
     costs = cost_table(history, grad_seconds)
     print("\ncentral flow cost per step by number of critical directions")
-    print("critical  steps  s/step  gradient-equiv  HVPs  T[u,v]  gradients")
+    print(
+        "critical  candidates  steps  s/step  gradient-equiv  HVPs  T[u,v]  gradients"
+    )
     for row in costs:
         print(
-            f"{row['critical']:8d}  {row['steps']:5d}  {row['seconds_per_step']:6.3f}  "
+            f"{row['critical']:8d}  {row['candidates']:10.1f}  {row['steps']:5d}  "
+            f"{row['seconds_per_step']:6.3f}  "
             f"{row['gradient_equivalents']:14.1f}  {row['hvps']:4.1f}  "
             f"{row['third_order']:6.1f}  {row['gradients']:9.1f}"
         )

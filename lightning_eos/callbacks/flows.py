@@ -84,7 +84,7 @@ class FlowMonitor(CurvatureCallback):
       (:math:`\|\nabla L\|^2 + \operatorname{tr}(H\Sigma H)`), ``variance_1`` (the
       largest oscillation variance), ``sigma_trace``, ``critical`` (the rank of Σ)
       and ``candidates``;
-    * ``flows/threshold``, :math:`2/\eta`.
+    * ``flows/threshold``, :math:`2/\eta` (2 for RMSProp).
 
     With TensorBoard, Custom Scalars charts group them, and a figure (loss,
     sharpness, distances, critical directions by step; see
@@ -95,9 +95,14 @@ class FlowMonitor(CurvatureCallback):
     What is modelled. Both flows model full-batch gradient descent on the probe
     set's loss: ``torch.optim.SGD`` without momentum, weight decay, Nesterov or
     ``maximize``, with one learning rate for all parameter groups (a scheduler may
-    change it between steps). Any other optimizer is refused when fitting starts, as
+    change it between steps). With ``torch.optim.RMSprop`` (without momentum,
+    centring, weight decay or ``maximize``) they are RMSProp's stable flow and
+    central flow (:class:`~lightning_eos.flows.RMSPropFlow`,
+    :class:`~lightning_eos.flows.RMSPropCentralFlow`), the sharpness is that of
+    :math:`P^{-1}H` and the threshold is 2; :math:`\nu(0)` is the average of the
+    optimizer's first step. Any other optimizer is refused when fitting starts, as
     is gradient clipping. Training on minibatches, or on more data than the probe
-    set, is allowed with a warning: the flows then model gradient descent on the
+    set, is allowed with a warning: the flows then model full-batch descent on the
     probe set, not the run. Models whose third derivatives PyTorch gets wrong are
     refused for the central flow: native BatchNorm in train mode (use
     ``mode="eval"``). Dropout in train mode is refused too: the flows need one

@@ -1,8 +1,15 @@
 """Gradient flow and the central flow, integrated beside a real optimizer.
 
-Everything here works on a :class:`~lightning_eos.curvature.ProbeObjective` and a
-flat parameter vector, inside or outside a training loop; the callback
-:class:`~lightning_eos.callbacks.FlowMonitor` runs them beside a Lightning fit.
+:class:`GradientFlow` and :class:`CentralFlow` model gradient descent,
+:class:`RMSPropFlow` and :class:`RMSPropCentralFlow` model RMSProp; Σ comes from
+:func:`solve_sdcp`. Everything here works on a
+:class:`~lightning_eos.curvature.ProbeObjective` and a flat parameter vector, inside
+or outside a training loop; the callback :class:`~lightning_eos.callbacks.FlowMonitor`
+runs them beside a Lightning fit.
+
+References:
+    Cohen, Damian, Talwalkar, Kolter, Lee (2025). Understanding optimization in deep
+    learning with central flows. ICLR.
 """
 
 from lightning_eos.flows._base import FlowRecord, third_order_pairs

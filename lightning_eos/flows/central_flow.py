@@ -102,7 +102,9 @@ class CentralFlow(_Flow):
 
     Cost per unit of time with :math:`k` candidates: ``substeps`` gradients, plus at
     each refresh an eigensolve (about ``k + extra_vectors`` products per Lanczos
-    step) and :math:`k(k+1)/2` third-order vectors.
+    step) and :math:`k(k+1)/2` third-order vectors. A learning rate that changes
+    between :meth:`observe` and :meth:`advance` moves the threshold, and the
+    current point is refreshed once more.
 
     Args:
         objective: The loss on the probe set; the flow evaluates it at its own point.
@@ -239,16 +241,16 @@ class CentralFlow(_Flow):
 
         Args:
             flow: A :class:`GradientFlow` started from this flow's initial point with
-                its learning rate, method, substep bound, eigensolver settings and
-                seed, which this flow has adopted at every earlier time (it then
-                takes over ``flow``'s time too).
+                its method, substep bound, eigensolver settings and seed, which this
+                flow has adopted at every earlier time (it then takes over
+                ``flow``'s time and learning rate too).
 
         Raises:
             ValueError: If ``flow`` has other settings or is behind this flow.
         """
         if self.detached:
             return False
-        settings = ("lr", "method", "substep_bound", "tol", "max_iter", "extra_vectors")
+        settings = ("method", "substep_bound", "tol", "max_iter", "extra_vectors")
         mismatched = [
             name for name in settings if getattr(flow, name) != getattr(self, name)
         ]
@@ -259,7 +261,7 @@ class CentralFlow(_Flow):
             )
         record = flow.observe()
         cache = flow._cache
-        self.theta, self.time, self.tracked = flow.theta, flow.time, 1
+        self.theta, self.time, self.lr, self.tracked = flow.theta, flow.time, flow.lr, 1
         self._frame, self._since_refresh, self._solution = None, 0, None
         if record.eigenvalues[0] >= (1.0 - self.margin) * self._threshold():
             self.detached = True
@@ -307,9 +309,10 @@ class CentralFlow(_Flow):
                 else:
                     gradient = self._gradient(self.theta)
                 if self._frame["count"] == 0:  # every candidate left
-                    self._euler_step(self._frame, gradient, None, h)
-                    self._since_refresh += 1
-                    continue
+                    remaining = (count - index) * h
+                    sharpness = float(self._frame["eigenvalues"][0])
+                    self._gradient_flow(remaining, gradient, sharpness)
+                    break
                 x = self._solve(self._frame, gradient, h, warm=self._solution)
             if self.failed is not None:
                 break

@@ -144,8 +144,9 @@ def solve_sdcp(
         >>> alpha = torch.tensor([[-1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
         >>> beta = torch.zeros(2, 2, 2, 2, dtype=torch.float64)
         >>> beta[0, 0, 0, 0] = beta[1, 1, 1, 1] = 0.5
-        >>> solve_sdcp(alpha, beta).sigma.diag().tolist()  # 2 on e₁, 0 on e₂
-        [2.0, 0.0]
+        >>> solution = solve_sdcp(alpha, beta)  # σ₁ = −α₁/β₁ = 2; e₂ is stable
+        >>> [round(v, 12) for v in solution.sigma.diag().tolist()], solution.rank
+        ([2.0, 0.0], 1)
     """
     k = alpha.shape[0]
     if alpha.shape != (k, k) or beta.shape != (k, k, k, k):

@@ -59,13 +59,16 @@ class GradientFlow(_Flow):
         >>> from torch import nn
         >>> from lightning_eos.curvature import ProbeObjective
         >>> model = nn.Linear(3, 1, bias=False).double()
+        >>> model.weight.data.zero_()  # θ(0) = 0
+        tensor([[0., 0., 0.]], dtype=torch.float64)
         >>> data = [(torch.eye(3, dtype=torch.float64), torch.ones(3, 1).double())]
         >>> loss = lambda out, y: 0.5 * ((out - y) ** 2).sum() / 3
         >>> objective = ProbeObjective(model, data, loss_fn=loss)
         >>> flow = GradientFlow(objective, objective.point(), lr=0.5)
-        >>> flow.advance(30.0)
-        >>> round(flow.observe().loss, 6)  # θ → 1 at rate η/3
-        1.2e-05
+        >>> for step in range(30):
+        ...     flow.advance()
+        >>> [round(v, 6) for v in flow.theta.tolist()]  # 1 − exp(−ηt/3) = 1 − e⁻⁵
+        [0.993262, 0.993262, 0.993262]
     """
 
     def __init__(

@@ -138,6 +138,33 @@ def test_central_flow_holds_the_sharpness_at_two_over_eta(tmp_path):
     assert central[-1].third_order == 1 and central[-1].gradients == 4
 
 
+class ScheduledRegressor(Regressor):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 + k / 20)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "step"},
+        }
+
+
+def test_a_per_step_schedule_sets_each_step_of_the_flows(tmp_path):
+    torch.manual_seed(0)
+    callback = monitor(sharpness_every_n_steps=None)
+    fit(tmp_path, ScheduledRegressor(lr=0.5), [callback], 30)
+    # The learning rate of the step that led to step t is 0.5 (1 + (t − 1)/20).
+    assert [r.lr for r in callback.history[1:]] == pytest.approx(
+        [0.5 * (1 + (t - 1) / 20) for t in range(1, 31)]
+    )
+    assert all(r.threshold == pytest.approx(2 / r.lr) for r in callback.history[1:])
+    central = callback.flows["central"]
+    assert central.lr == pytest.approx(0.5 * (1 + 29 / 20))
+    assert callback.history[-1].flows["central"].critical > 0  # 2/η came down
+    assert callback.history[-1].flows["central"].sharpness == pytest.approx(
+        2 / central.lr, rel=0.01
+    )
+
+
 def gd_run(tmp_path, callbacks):
     pl.seed_everything(3, verbose=False)
     module = Regressor(lr=1.0)

@@ -152,3 +152,29 @@ def test_scale_invariance():
     solution = solve_sdcp(alpha * 1e-6, beta * 1e4)
     np.testing.assert_allclose(solution.sigma.numpy(), sigma * 1e-10, atol=1e-18)
     assert math.isclose(float(solution.sigma.trace()), float(np.trace(sigma)) * 1e-10)
+
+
+def test_directions_enter_and_leave_along_a_path():
+    # Along α(s), eigen-direction i of a fixed basis has r_i(s): weight max(r, 0) and
+    # slack max(−r, 0). Directions enter (r rises through 0) and leave (r falls
+    # through 0); each problem is solved warm-started from the previous solution.
+    k = 8
+    rng = np.random.default_rng(21)
+    basis, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    beta = random_operator(k, rng)
+    offsets = np.linspace(-1.0, 1.0, k)
+    slopes = np.where(np.arange(k) % 2 == 0, 1.0, -1.0)
+    quadratic = np.einsum("pab,abij,qij->pq", _basis(k), beta, _basis(k))
+    warm = None
+    for s in np.linspace(-1.0, 1.0, 41):
+        r = offsets * slopes + 0.6 * s * slopes
+        sigma = basis @ np.diag(np.maximum(r, 0)) @ basis.T
+        slack = basis @ np.diag(np.maximum(-r, 0)) @ basis.T
+        alpha = slack - np.einsum("abij,ij->ab", beta, sigma)
+        x, _ = solve_svec(svec(alpha), quadratic, k, warm=warm)
+        np.testing.assert_allclose(smat(x, k), sigma, atol=1e-9)
+        warm = x
+    # Along the path directions entered (even i) and left (odd i).
+    first = offsets * slopes - 0.6 * slopes > 0
+    last = offsets * slopes + 0.6 * slopes > 0
+    assert np.any(~first & last) and np.any(first & ~last)

@@ -215,7 +215,7 @@ def test_adopting_a_gradient_flow_changes_nothing():
     assert adopted[0] and not adopted[-1]  # z* is reached on the way
     assert torch.equal(together.theta, alone.theta)
     with pytest.raises(ValueError, match="settings"):
-        CentralFlow(objective(model, toy_loss), point, lr=0.02).adopt(companion)
+        CentralFlow(objective(model, toy_loss), point, lr=ETA, tol=0.1).adopt(companion)
 
 
 @pytest.mark.parametrize(
