@@ -481,6 +481,17 @@ class FlowMonitor(CurvatureCallback):
             flow = flow_class(objective, self._theta0, self._lr, **options)
             if name in restored.get("flows", {}):
                 flow.load_state_dict(restored["flows"][name])
+            elif trainer.global_step > 0:
+                # Added to a run that had already started: its initialization is
+                # gone, so the flows start here.
+                flow.time = float(trainer.global_step)
+                self.warn_once(
+                    "late-start",
+                    "FlowMonitor starts at step "
+                    f"{trainer.global_step}, not at the run's initialization (the "
+                    "checkpoint has no flows): the flows and the distances start "
+                    "from the current parameters.",
+                )
             self.flows[name] = flow
         self._objective = objective
         return objective

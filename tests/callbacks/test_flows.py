@@ -209,6 +209,21 @@ def test_resume_continues_the_flows_exactly(tmp_path):
             assert again == first
 
 
+def test_added_to_a_started_run_it_starts_there_and_says_so(tmp_path):
+    torch.manual_seed(0)
+    module = Regressor(lr=0.1)
+    checkpoint = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3)
+    first = trainer(tmp_path, [checkpoint], 3, enable_checkpointing=True)
+    first.fit(module, loader(regression_data()))
+    (path,) = glob.glob(f"{tmp_path}/ckpt/*.ckpt")
+    callback = monitor(flows=("gradient",))
+    run = trainer(tmp_path, [callback], 6)
+    with pytest.warns(UserWarning, match="starts at step 3"):
+        run.fit(Regressor(lr=0.1), loader(regression_data()), ckpt_path=path)
+    assert [r.step for r in callback.history] == [3, 4, 5, 6]
+    assert callback.flows["gradient"].time == 6.0
+
+
 def test_figure_is_written_to_tensorboard(tmp_path):
     torch.manual_seed(0)
     logger = TensorBoardLogger(tmp_path, name="run")
