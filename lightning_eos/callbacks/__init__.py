@@ -2,6 +2,7 @@
 
 from lightning_eos.callbacks._base import CurvatureCallback
 from lightning_eos.callbacks.density import DensityRecord, SpectralDensityMonitor
+from lightning_eos.callbacks.flows import FlowMonitor, FlowMonitorRecord
 from lightning_eos.callbacks.minibatch import (
     MinibatchRecord,
     MinibatchSharpnessMonitor,
@@ -19,6 +20,8 @@ from lightning_eos.callbacks.trace import HessianTraceMonitor, TraceRecord
 __all__ = [
     "CurvatureCallback",
     "DensityRecord",
+    "FlowMonitor",
+    "FlowMonitorRecord",
     "HessianTraceMonitor",
     "MinibatchRecord",
     "MinibatchSharpnessMonitor",

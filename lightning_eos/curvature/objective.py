@@ -221,7 +221,7 @@ class ProbeObjective:
         lead = flat.shape[:-1]
         pieces = torch.split(flat, self.numels, dim=-1)
         return [
-            piece.reshape(*lead, *shape)
+            piece.reshape((*lead, *shape))
             for piece, shape in zip(pieces, self.shapes, strict=True)
         ]
 
