@@ -17,7 +17,7 @@ def bare_command_line(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-eos"])
 
 
-def test_flows_example_runs_a_step(tmp_path, monkeypatch):
+def test_flows_example_central_flow_is_gradient_flow_below_the_threshold(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monitors = []
     setup = FlowMonitor.setup
@@ -36,7 +36,7 @@ def test_flows_example_runs_a_step(tmp_path, monkeypatch):
                 "--config",
                 str(CONFIG),
                 "--trainer.max_steps",
-                "1",
+                "20",
                 "--trainer.enable_progress_bar",
                 "false",
                 "--trainer.enable_checkpointing",
@@ -47,7 +47,15 @@ def test_flows_example_runs_a_step(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     (monitor,) = monitors
     assert monitor.flow_names == ("gradient", "central")
-    assert [r.step for r in monitor.history] == [0, 1]
+    assert [r.step for r in monitor.history] == list(range(21))
     first = monitor.history[0]
     assert first.gd_sharpness == pytest.approx(3.98, abs=0.01)  # as in the main job
     assert first.flows["central"].loss == pytest.approx(first.gd_loss, rel=1e-6)
+    # λ₁ ≈ 4 ≪ 2/η = 10: the central flow is gradient flow, bit for bit (Σ = 0).
+    for record in monitor.history:
+        central, gradient = record.flows["central"], record.flows["gradient"]
+        assert central.critical == 0
+        assert central.loss == gradient.loss
+        assert record.distances.get("central") == record.distances.get("gradient")
+    last = monitor.history[-1]
+    assert last.flows["central"].loss < first.flows["central"].loss
