@@ -186,17 +186,22 @@ class CurvatureCallback(Callback):
     # -- services for subclasses ------------------------------------------------------
 
     def objective(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        chunks: list[Any] | None = None,
     ) -> ProbeObjective:
-        """The loss on the probe set at this step, summed over processes."""
-        assert self.probe is not None, "the probe set is drawn when training starts"
+        """The loss on the probe set (or on ``chunks``) at this step, all processes."""
+        if chunks is None:
+            assert self.probe is not None, "the probe set is drawn when training starts"
+            chunks = self.probe.chunks
         if self.loss_fn is not None:
             loss = {"loss_fn": self.loss_fn}
         else:
             loss = {"batch_loss": lambda module, batch: module.curvature_loss(batch)}
         return ProbeObjective(
             pl_module,
-            self.probe.chunks,
+            chunks,
             **loss,
             dtype=_DTYPES[self.dtype] if self.dtype else None,
             train_mode=self.mode == "train",
