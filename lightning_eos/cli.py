@@ -16,7 +16,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 
 # Imported so that their classes resolve by class path, and by short name
 # (``--model MLP``), in configurations.
-from lightning_eos import callbacks, data, models  # noqa: F401
+from lightning_eos import callbacks, data, models, penalties  # noqa: F401
 
 __all__ = ["main"]
 

@@ -36,6 +36,8 @@ class PenaltyRecord:
         added: Whether the gradient was added (an inactive or non-finite penalty is
             not added).
         metrics: The penalty's further scalars (sharpness, multiplier, …).
+        num_products: Hessian-vector products spent on the evaluation.
+        num_third_order: Third-order vectors spent on the evaluation.
     """
 
     step: int
@@ -43,6 +45,8 @@ class PenaltyRecord:
     gradient_norm: float
     added: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    num_products: int = 0
+    num_third_order: int = 0
 
 
 class PenaltyCallback(CurvatureCallback):
@@ -418,7 +422,15 @@ class PenaltyCallback(CurvatureCallback):
         step = trainer.global_step
         norm = result.gradient_norm
         self.history.append(
-            PenaltyRecord(step, result.value, norm, added, dict(result.metrics))
+            PenaltyRecord(
+                step,
+                result.value,
+                norm,
+                added,
+                dict(result.metrics),
+                result.num_products,
+                result.num_third_order,
+            )
         )
         if step % self.every_n_steps != 0:
             return
