@@ -70,10 +70,13 @@ class Recorder(Callback):
         self.loss_every, self.snapshot_every = loss_every, snapshot_every
         self.losses: list[tuple[int, float]] = []
         self.snapshots: dict[int, torch.Tensor] = {}
+        self.start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step % self.snapshot_every == 0:
             self.snapshots[trainer.global_step] = _flat(pl_module)
+            elapsed = time.perf_counter() - self.start
+            print(f"  step {trainer.global_step}, {elapsed:.0f} s", flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step - 1  # the loss at the parameters of that step
