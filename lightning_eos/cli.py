@@ -17,7 +17,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 
 # Imported so that their classes resolve by class path, and by short name
 # (``--model MLP``, ``--optimizer SAM``), in configurations.
-from lightning_eos import callbacks, data, models, optim  # noqa: F401
+from lightning_eos import callbacks, data, models, optim, penalties  # noqa: F401
 
 __all__ = ["main"]
 

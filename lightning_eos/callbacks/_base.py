@@ -210,23 +210,27 @@ class CurvatureCallback(Callback):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         normalization: Literal["native", "plain"] = "native",
+        chunks: list[Any] | None = None,
     ) -> ProbeObjective:
-        """The loss on the probe set at this step, summed over processes.
+        """The loss on the probe set (or on ``chunks``) at this step, all processes.
 
         Args:
             trainer: The trainer.
             pl_module: The module.
             normalization: ``"plain"`` for objectives differentiated three times
                 (see :class:`~lightning_eos.curvature.ProbeObjective`).
+            chunks: Batches to use instead of the probe set's chunks.
         """
-        assert self.probe is not None, "the probe set is drawn when training starts"
+        if chunks is None:
+            assert self.probe is not None, "the probe set is drawn when training starts"
+            chunks = self.probe.chunks
         if self.loss_fn is not None:
             loss = {"loss_fn": self.loss_fn}
         else:
             loss = {"batch_loss": lambda module, batch: module.curvature_loss(batch)}
         return ProbeObjective(
             pl_module,
-            self.probe.chunks,
+            chunks,
             **loss,
             dtype=_DTYPES[self.dtype] if self.dtype else None,
             train_mode=self.mode == "train",

@@ -206,6 +206,26 @@ class ProbeObjective:
         if self.num_examples == 0:
             raise ValueError("The probe set is empty: there is no loss to probe.")
 
+    def with_chunks(
+        self, chunks: Sequence[Any], *, all_reduce: AllReduce | None = None
+    ) -> ProbeObjective:
+        """The same loss of the same module on other chunks.
+
+        The batch loss, reduction, type, mode, normalization and seed are kept;
+        ``all_reduce`` is not (pass it again for a set sharded across processes).
+        """
+        return ProbeObjective(
+            self.module,
+            chunks,
+            batch_loss=self._wrapper.batch_loss,
+            reduction=self.reduction,  # type: ignore[arg-type]
+            dtype=self._cast,
+            train_mode=self.train_mode,
+            seed=self.seed,
+            normalization=self.normalization,
+            all_reduce=all_reduce,
+        )
+
     # -- points of parameter space -------------------------------------------------
 
     def point(self) -> Tensor:

@@ -1,0 +1,206 @@
+"""What every penalty shares: its result, its coefficient, its state and its checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_eos.curvature.objective import ProbeObjective
+
+#: A penalty coefficient: a non-negative number, or ``"lr"`` for the learning rate of
+#: the step the penalty is added to.
+Coefficient = float | Literal["lr"]
+
+
+@dataclass
+class PenaltyResult:
+    r"""One evaluation of a penalty :math:`P` at the current parameters.
+
+    Attributes:
+        value: :math:`P(\theta)` (summed over processes).
+        gradient: :math:`\nabla P(\theta)`, flat, in the objective's type (the same
+            on every process).
+        active: Whether the gradient is to be added to the training gradient. A
+            penalty whose coefficient is zero at this step is inactive: its
+            gradient is exactly zero and adding it would change nothing but the
+            sign of zero entries, so it is not added at all.
+        metrics: Further scalars to log (the penalized quantity itself, for
+            example the sharpness), keyed by short names.
+        num_products: Hessian-vector products spent.
+        num_third_order: Third-order vectors :math:`T[u, v]` spent.
+    """
+
+    value: float
+    gradient: Tensor
+    active: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    num_products: int = 0
+    num_third_order: int = 0
+
+    @property
+    def gradient_norm(self) -> float:
+        r""":math:`\|\nabla P(\theta)\|`."""
+        return float(self.gradient.norm())
+
+
+class Penalty:
+    r"""An explicit penalty :math:`P(\theta)` with its exact gradient.
+
+    A penalty is evaluated on a :class:`~lightning_eos.curvature.ProbeObjective` (the
+    loss of a module on a set of batches, summed over processes) at the module's
+    current parameters. Subclasses implement :meth:`evaluate`; the ones with state
+    kept between steps (warm-started eigenvectors, a random generator) implement
+    :meth:`state_dict` and :meth:`load_state_dict`, so that a run resumed from a
+    checkpoint evaluates what an uninterrupted one would.
+
+    Attributes:
+        name: Short name, used in logged keys (``penalty/<name>/value``).
+        needs_third_order: Whether the gradient uses third derivatives of the loss,
+            which autograd gets wrong for some normalization layers (see
+            :func:`third_order_defects`).
+    """
+
+    name: str = "penalty"
+    needs_third_order: bool = False
+
+    @property
+    def needs_step_size(self) -> bool:
+        """Whether :meth:`evaluate` needs the learning rate of the step."""
+        return False
+
+    def evaluate(
+        self, objective: ProbeObjective, step_size: float | None = None
+    ) -> PenaltyResult:
+        r"""Evaluate the penalty and its gradient at the module's parameters.
+
+        Args:
+            objective: The loss :math:`L` on the data the penalty is built from.
+            step_size: The learning rate :math:`\eta` of the step the penalty is
+                added to, for penalties that need it.
+
+        Returns:
+            The :class:`PenaltyResult`.
+        """
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """State kept between evaluations, for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state returned by :meth:`state_dict`."""
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{k}={v!r}" for k, v in self._arguments().items())
+        return f"{type(self).__name__}({arguments})"
+
+    def _arguments(self) -> dict[str, Any]:
+        return {}
+
+
+# -- argument checks ------------------------------------------------------------------
+
+
+def check_coefficient(name: str, value: Any, allow_lr: bool) -> Coefficient:
+    """Return ``value`` as a float (or ``"lr"``), or raise a ``ValueError``.
+
+    Accepted: a finite number at least 0, and ``"lr"`` when ``allow_lr`` is true.
+    """
+    if allow_lr and value == "lr":
+        return "lr"
+    accepted = "a finite number ≥ 0" + (" or 'lr'" if allow_lr else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
+    return float(value)
+
+
+def check_positive(name: str, value: Any, upper: float = math.inf) -> float:
+    """Return ``value`` as a float in ``(0, upper]``, or raise a ``ValueError``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value <= upper
+        or not math.isfinite(value)
+    ):
+        bound = "" if upper == math.inf else f" and at most {upper}"
+        raise ValueError(
+            f"`{name}` must be a finite number greater than 0{bound}, got {value!r}."
+        )
+    return float(value)
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """Return ``value`` if it is an integer of at least ``minimum``, else raise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"`{name}` must be an integer of at least {minimum}, got {value!r}."
+        )
+    return value
+
+
+def resolve_coefficient(
+    coefficient: Coefficient, step_size: float | None, owner: str
+) -> float:
+    """The numeric coefficient: ``coefficient`` itself, or the step size for "lr"."""
+    if coefficient != "lr":
+        return float(coefficient)
+    if step_size is None:
+        raise ValueError(
+            f"{owner} was built with coefficient='lr' and needs the learning rate: "
+            "pass `step_size` to `evaluate`."
+        )
+    return float(step_size)
+
+
+# -- third derivatives ----------------------------------------------------------------
+
+
+def third_order_defects(module: nn.Module, train_mode: bool) -> list[str]:
+    """Submodules whose third derivatives PyTorch's autograd computes wrongly.
+
+    Measured against finite differences of exact Hessian-vector products on small
+    networks (torch 2.13): the native BatchNorm when it normalizes with the
+    statistics of the batch (train mode, or no running statistics), InstanceNorm
+    and LayerNorm are off by 1 % to several hundred per cent, while their first and
+    second derivatives are right. GroupNorm and RMSNorm are right. A normalization
+    written in plain tensor operations is differentiated correctly to any order.
+
+    Args:
+        module: The model.
+        train_mode: Whether the probes run the model in train mode.
+
+    Returns:
+        ``"name (Type)"`` for each offending submodule.
+    """
+    found = []
+    for name, sub in module.named_modules():
+        batch_statistics = isinstance(sub, nn.modules.batchnorm._BatchNorm) and (
+            train_mode or sub.running_mean is None
+        )
+        if batch_statistics or isinstance(
+            sub, (nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+        ):
+            found.append(f"{name or '<root>'} ({type(sub).__name__})")
+    return found
+
+
+def unit_random(
+    count: int,
+    dim: int,
+    generator: torch.Generator,
+    like: Tensor,
+    distribution: Literal["rademacher", "gaussian"],
+) -> Tensor:
+    """``count`` random vectors with identity second moment, on ``like``'s device."""
+    if distribution == "rademacher":
+        signs = torch.randint(0, 2, (count, dim), generator=generator)
+        vectors = signs.to(torch.float64) * 2 - 1
+    else:
+        vectors = torch.randn(count, dim, generator=generator, dtype=torch.float64)
+    return vectors.to(dtype=like.dtype, device=like.device)

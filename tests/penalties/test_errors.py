@@ -1,0 +1,245 @@
+"""Bad coefficients and incompatible settings are refused early, with clear errors."""
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_eos.curvature import ProbeObjective
+from lightning_eos.penalties import (
+    CentralFlowPenalty,
+    GradientNormPenalty,
+    MinibatchGradientNormPenalty,
+    PenaltyCallback,
+    SharpnessPenalty,
+    TracePenalty,
+    third_order_defects,
+)
+from tests.callbacks.modules import (
+    Regressor,
+    half_squared_error,
+    loader,
+    regression_data,
+    trainer,
+)
+
+NUMBER = "must be a finite number ≥ 0"
+POSITIVE = "must be a finite number greater than 0"
+FRACTION = f"{POSITIVE} and at most 1.0"
+INTEGER = "must be an integer of at least"
+CONSTRUCTION = [
+    (lambda: GradientNormPenalty(-0.1), f"`coefficient` {NUMBER} or 'lr', got -0.1"),
+    (lambda: GradientNormPenalty(math.nan), "`coefficient` .* or 'lr', got nan"),
+    (lambda: GradientNormPenalty(math.inf), "`coefficient` .* or 'lr', got inf"),
+    (lambda: GradientNormPenalty(True), "`coefficient` .* or 'lr', got True"),
+    (lambda: GradientNormPenalty("eta"), "`coefficient` .* or 'lr', got 'eta'"),
+    (lambda: MinibatchGradientNormPenalty(0), f"`batch_size` {INTEGER} 1, got 0"),
+    (
+        lambda: MinibatchGradientNormPenalty(8, shuffle="yes"),
+        "`shuffle` must be a bool, got 'yes'",
+    ),
+    (lambda: SharpnessPenalty("lr"), f"`coefficient` {NUMBER}, got 'lr'"),
+    (lambda: SharpnessPenalty(-1.0), f"`coefficient` {NUMBER}, got -1.0"),
+    (lambda: SharpnessPenalty(1.0, tol=0), f"`tol` {FRACTION}, got 0"),
+    (lambda: SharpnessPenalty(1.0, max_iter=0), f"`max_iter` {INTEGER} 1, got 0"),
+    (
+        lambda: SharpnessPenalty(1.0, extra_vectors=-1),
+        f"`extra_vectors` {INTEGER} 0, got -1",
+    ),
+    (lambda: TracePenalty(1.0, num_samples=0), f"`num_samples` {INTEGER} 1, got 0"),
+    (
+        lambda: TracePenalty(1.0, distribution="uniform"),
+        r"`distribution` must be one of \('rademacher', 'gaussian'\), got 'uniform'",
+    ),
+    (lambda: TracePenalty(1.0, seed=-2), f"`seed` {INTEGER} 0, got -2"),
+    (lambda: CentralFlowPenalty(0.0), f"`target_lr` {POSITIVE}, got 0.0"),
+    (lambda: CentralFlowPenalty(-0.2), f"`target_lr` {POSITIVE}, got -0.2"),
+    (lambda: CentralFlowPenalty(0.2, rate=0), f"`rate` {FRACTION}, got 0"),
+    (lambda: CentralFlowPenalty(0.2, rate=1.5), f"`rate` {FRACTION}, got 1.5"),
+    (
+        lambda: PenaltyCallback("igr"),
+        "`penalty` must be a lightning_eos.penalties.Penalty, got str",
+    ),
+    (
+        lambda: PenaltyCallback(GradientNormPenalty(), data="all"),
+        r"`data` must be one of \('batch', 'probe'\), got 'all'",
+    ),
+    (
+        lambda: PenaltyCallback(GradientNormPenalty(), log_every_n_steps=0),
+        f"`log_every_n_steps` {INTEGER} 1, got 0",
+    ),
+    (
+        lambda: PenaltyCallback(GradientNormPenalty(), chunk_size=0),
+        f"`chunk_size` {INTEGER} 1, got 0",
+    ),
+    (
+        lambda: PenaltyCallback(GradientNormPenalty(), mode="test"),
+        "`mode` must be 'train' or 'eval', got 'test'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    CONSTRUCTION,
+    ids=[f"{i}-{m.split('`')[1]}" for i, (_, m) in enumerate(CONSTRUCTION)],
+)
+def test_bad_arguments_are_refused_at_construction(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+@pytest.mark.parametrize(
+    "penalty",
+    [
+        GradientNormPenalty("lr"),
+        MinibatchGradientNormPenalty(4),
+        CentralFlowPenalty(0.2),
+    ],
+    ids=["gradient-norm", "minibatch", "central-flow"],
+)
+def test_penalties_that_need_the_learning_rate_say_so(penalty):
+    model = nn.Linear(2, 1).double()
+    batch = (
+        torch.ones(3, 2, dtype=torch.float64),
+        torch.ones(3, 1, dtype=torch.float64),
+    )
+    objective = ProbeObjective(model, [batch], loss_fn=half_squared_error)
+    assert penalty.needs_step_size
+    with pytest.raises(ValueError, match="learning rate"):
+        penalty.evaluate(objective)
+
+
+def fit(tmp_path, module, callback, steps=1):
+    run = trainer(tmp_path, [callback], steps)
+    run.fit(module, loader(regression_data()))
+    return run
+
+
+class LineSearch(Regressor):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), line_search_fn="strong_wolfe")
+
+
+class TwoOptimizers(Regressor):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            loss = half_squared_error(self(batch[0]), batch[1])
+            self.manual_backward(loss)
+            optimizer.step()
+
+    def configure_optimizers(self):
+        first, second = self.net[0].parameters(), self.net[-1].parameters()
+        return [torch.optim.SGD(first, lr=0.1), torch.optim.SGD(second, lr=0.1)]
+
+
+class TwoLearningRates(Regressor):
+    def configure_optimizers(self):
+        groups = [
+            {"params": self.net[0].parameters(), "lr": 0.1},
+            {"params": self.net[-1].parameters(), "lr": 0.2},
+        ]
+        return torch.optim.SGD(groups)
+
+
+class LayerNormRegressor(Regressor):
+    def __init__(self):
+        super().__init__()
+        self.net.insert(1, nn.LayerNorm(8, dtype=torch.float64))
+
+
+class NoLoss(Regressor):
+    pass
+
+
+SETTINGS = {
+    "line-search": (
+        LineSearch,
+        GradientNormPenalty(0.1),
+        {},
+        r"LBFGS\(line_search_fn='strong_wolfe'\): the closure returns the module's "
+        "loss L without the penalty",
+    ),
+    "two-optimizers": (
+        TwoOptimizers,
+        GradientNormPenalty(0.1),
+        {},
+        "adds the penalty gradient for one optimizer; the run has 2",
+    ),
+    "two-learning-rates": (
+        TwoLearningRates,
+        GradientNormPenalty("lr"),
+        {},
+        r"param groups of SGD have different ones: \[0.1, 0.2\]",
+    ),
+    "batchnorm-train": (
+        lambda: Regressor(batch_norm=True),
+        SharpnessPenalty(1.0),
+        {},
+        r"wrong third derivatives for net.1 \(BatchNorm1d\) \(mode='train'\)",
+    ),
+    "layernorm": (
+        LayerNormRegressor,
+        TracePenalty(1.0),
+        {"mode": "eval"},
+        r"wrong third derivatives for net.1 \(LayerNorm\) \(mode='eval'\)",
+    ),
+    "no-loss": (
+        NoLoss,
+        GradientNormPenalty(0.1),
+        {"loss_fn": None},
+        "pass `loss_fn=`",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_incompatible_settings_are_refused_before_the_first_step(tmp_path, name):
+    module_class, penalty, options, message = SETTINGS[name]
+    options = {"loss_fn": half_squared_error, **options}
+    callback = PenaltyCallback(penalty, **options)
+    module = module_class()
+    start = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(MisconfigurationException, match=message):
+        fit(tmp_path, module, callback)
+    assert callback.num_evaluations == 0
+    after = list(module.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(start, after, strict=True))
+
+
+def test_batchnorm_with_running_statistics_is_accepted_in_eval_mode(tmp_path):
+    callback = PenaltyCallback(
+        SharpnessPenalty(0.1), loss_fn=half_squared_error, mode="eval"
+    )
+    fit(tmp_path, Regressor(batch_norm=True), callback)
+    assert callback.history[0].added
+
+
+def test_third_order_defects_name_each_offending_layer():
+    model = nn.Sequential(
+        nn.Linear(2, 4),
+        nn.BatchNorm1d(4),
+        nn.BatchNorm1d(4, track_running_stats=False),
+        nn.InstanceNorm1d(4),
+        nn.LayerNorm(4),
+        nn.GroupNorm(2, 4),
+        nn.RMSNorm(4),
+    )
+    assert third_order_defects(model, train_mode=True) == [
+        "1 (BatchNorm1d)",
+        "2 (BatchNorm1d)",
+        "3 (InstanceNorm1d)",
+        "4 (LayerNorm)",
+    ]
+    assert third_order_defects(model, train_mode=False) == [
+        "2 (BatchNorm1d)",
+        "3 (InstanceNorm1d)",
+        "4 (LayerNorm)",
+    ]
