@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--save-states", type=int, nargs="*", default=[])
     parser.add_argument("--accelerator", default="cpu")
-    parser.add_argument("--figure", type=Path, default=ROOT / "docs/readme/flows.png")
+    parser.add_argument("--figure", type=Path, default=ROOT / "docs/figures/flows.png")
     parser.add_argument(
         "--json",
         type=Path,

@@ -9,7 +9,7 @@ would, then measures on the final parameters: the training loss on the whole
 training split, the test accuracy, the sharpness λ₁ (Lanczos, relative residual
 1e-3) and the stability threshold of the optimizer's last step. Results go to
 examples/optim/results.json (one entry per run, merged with earlier runs), the
-Markdown table to stdout, and a figure to docs/readme/optim_digits.png.
+Markdown table to stdout, and a figure to docs/figures/optim_digits.png.
 
     python examples/optim_table.py                 # every optimizer (about 25 min)
     python examples/optim_table.py sam cubic       # some of them
@@ -37,7 +37,7 @@ from lightning_eos.curvature.thresholds import stability_threshold
 ROOT = Path(__file__).resolve().parent
 CONFIGS = ROOT / "optim"
 RESULTS = CONFIGS / "results.json"
-FIGURE = ROOT.parent / "docs" / "readme" / "optim_digits.png"
+FIGURE = ROOT.parent / "docs" / "figures" / "optim_digits.png"
 ORDER = [
     "sgd",
     "adam",
