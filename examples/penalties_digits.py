@@ -19,7 +19,7 @@ loss every Δt = 1, final train and test metrics, wall time) and ``OUT/NAME.pt``
 
     python examples/penalties_digits.py run gd-large gd-small igr central-flow
     python examples/penalties_digits.py run sharpness:0.01 trace:0.001
-    python examples/penalties_digits.py report --figure docs/figures/penalties_digits.png
+    python examples/penalties_digits.py report --figure docs/figures/penalties.png
 
 ``--time 100 --out DIR`` runs a shorter horizon (used to tune the coefficients).
 """

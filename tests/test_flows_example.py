@@ -17,7 +17,7 @@ def bare_command_line(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-eos"])
 
 
-def test_flows_example_central_flow_is_gradient_flow_below_the_threshold(tmp_path, monkeypatch):
+def test_flows_example_is_gradient_flow_below_the_threshold(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monitors = []
     setup = FlowMonitor.setup
