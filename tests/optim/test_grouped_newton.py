@@ -61,8 +61,13 @@ def test_learning_rates_solve_the_model_built_from_dense_derivatives():
     )
     diagonal = torch.stack([third[0, 0, 0], third[1, 1, 1]])
     t, _, solved = minimize_anisotropic_cubic(
-        reduced_g, reduced_h, lam * diagonal.abs()
+        reduced_g, reduced_h, (lam * diagonal.abs()) ** (1 / 3)
     )
+    # The paper's fixed point: t = -(H + ½λ‖Dt‖D²)⁻¹ g, D = diag(|D̄|^{1/3}).
+    D2 = torch.diag(diagonal.abs() ** (2 / 3))
+    radius = float((diagonal.abs() ** (1 / 3) * t).norm())
+    fixed_point = -torch.linalg.solve(reduced_h + 0.5 * lam * radius * D2, reduced_g)
+    torch.testing.assert_close(t, fixed_point, rtol=1e-9, atol=1e-12)
 
     assert solved
     stats = optimizer.last_stats

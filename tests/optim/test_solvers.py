@@ -151,11 +151,22 @@ def test_anisotropic_cubic_is_stationary_and_detects_unbounded_models():
     g, w = vector(3, seed=6), torch.tensor([0.3, 1.0, 2.0], dtype=torch.float64)
     t, decrease, solved = minimize_anisotropic_cubic(g, H, w)
     assert solved
-    gradient = g + H @ t + 0.5 * w * t.abs() * t
+    gradient = torch.autograd.functional.jacobian(
+        lambda x: g @ x + 0.5 * x @ H @ x + (w * x).norm() ** 3 / 6, t
+    )
     assert float(gradient.norm()) <= 1e-10 * float(g.norm())
     assert decrease == pytest.approx(
-        -float(g @ t + 0.5 * t @ H @ t + (w * t.abs() ** 3).sum() / 6)
+        -float(g @ t + 0.5 * t @ H @ t + (w * t).norm() ** 3 / 6)
     )
+    # The minimizer is global: no other stationary point of this model is lower.
+    for seed in range(20):
+        other = t + torch.randn(
+            3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
+        assert (
+            float(g @ other + 0.5 * other @ H @ other + (w * other).norm() ** 3 / 6)
+            >= -decrease - 1e-12
+        )
 
     _, _, solved = minimize_anisotropic_cubic(g, H, torch.zeros(3, dtype=torch.float64))
     assert not solved
