@@ -5,7 +5,7 @@ Each penalty evaluates its value and its exact gradient on a
 gradient to the training gradient of any LightningModule before each optimizer step.
 """
 
-from lightning_eos.penalties._base import Penalty, PenaltyResult, third_order_defects
+from lightning_eos.penalties._base import Penalty, PenaltyResult
 from lightning_eos.penalties.callback import PenaltyCallback, PenaltyRecord
 from lightning_eos.penalties.central_flow import CentralFlowPenalty
 from lightning_eos.penalties.gradient_norm import (
@@ -25,5 +25,4 @@ __all__ = [
     "PenaltyResult",
     "SharpnessPenalty",
     "TracePenalty",
-    "third_order_defects",
 ]

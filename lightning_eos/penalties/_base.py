@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_eos.curvature.objective import ProbeObjective
 
@@ -59,9 +59,10 @@ class Penalty:
 
     Attributes:
         name: Short name, used in logged keys (``penalty/<name>/value``).
-        needs_third_order: Whether the gradient uses third derivatives of the loss,
-            which autograd gets wrong for some normalization layers (see
-            :func:`third_order_defects`).
+        needs_third_order: Whether the gradient uses third derivatives of the loss
+            (:class:`~lightning_eos.penalties.PenaltyCallback` then evaluates
+            normalization layers in plain tensor operations, whose third
+            derivatives autograd gets right).
     """
 
     name: str = "penalty"
@@ -156,38 +157,6 @@ def resolve_coefficient(
             "pass `step_size` to `evaluate`."
         )
     return float(step_size)
-
-
-# -- third derivatives ----------------------------------------------------------------
-
-
-def third_order_defects(module: nn.Module, train_mode: bool) -> list[str]:
-    """Submodules whose third derivatives PyTorch's autograd computes wrongly.
-
-    Measured against finite differences of exact Hessian-vector products on small
-    networks (torch 2.13): the native BatchNorm when it normalizes with the
-    statistics of the batch (train mode, or no running statistics), InstanceNorm
-    and LayerNorm are off by 1 % to several hundred per cent, while their first and
-    second derivatives are right. GroupNorm and RMSNorm are right. A normalization
-    written in plain tensor operations is differentiated correctly to any order.
-
-    Args:
-        module: The model.
-        train_mode: Whether the probes run the model in train mode.
-
-    Returns:
-        ``"name (Type)"`` for each offending submodule.
-    """
-    found = []
-    for name, sub in module.named_modules():
-        batch_statistics = isinstance(sub, nn.modules.batchnorm._BatchNorm) and (
-            train_mode or sub.running_mean is None
-        )
-        if batch_statistics or isinstance(
-            sub, (nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
-        ):
-            found.append(f"{name or '<root>'} ({type(sub).__name__})")
-    return found
 
 
 def unit_random(

@@ -18,7 +18,7 @@ from lightning_eos.callbacks._base import CurvatureCallback
 from lightning_eos.callbacks._probe_set import draw_probe_set
 from lightning_eos.curvature._batches import batch_size, slice_batch
 from lightning_eos.curvature.objective import ProbeObjective
-from lightning_eos.penalties._base import Penalty, PenaltyResult, third_order_defects
+from lightning_eos.penalties._base import Penalty, PenaltyResult
 from lightning_eos.penalties.central_flow import CentralFlowPenalty
 
 _DATA = ("batch", "probe")
@@ -108,9 +108,14 @@ class PenaltyCallback(CurvatureCallback):
 
     Refused, with the reason: strategies that shard parameters (FSDP, DeepSpeed),
     several optimizers, optimizers with a line search, param groups with different
-    learning rates when the penalty needs the learning rate, and, for penalties
-    with third derivatives, layers whose third derivatives autograd gets wrong
-    (native BatchNorm with batch statistics, InstanceNorm, LayerNorm).
+    learning rates when the penalty needs the learning rate.
+
+    Penalties with third derivatives (sharpness, trace, central flow) evaluate the
+    loss with normalization layers in plain tensor operations
+    (``ProbeObjective(normalization="plain")``): PyTorch's fused LayerNorm,
+    InstanceNorm and BatchNorm with batch statistics return wrong third
+    derivatives, while the plain formulas are the same function with exact
+    derivatives of every order. The module and its training are untouched.
 
     Args:
         penalty: The penalty (:mod:`lightning_eos.penalties`).
@@ -199,23 +204,6 @@ class PenaltyCallback(CurvatureCallback):
         return self._generate_state_key(penalty=self.penalty.name, data=self.data)
 
     # -- checks ------------------------------------------------------------------------
-
-    @override
-    def setup(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
-    ) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit" or not self.penalty.needs_third_order:
-            return
-        defects = third_order_defects(pl_module, self.mode == "train")
-        if defects:
-            raise MisconfigurationException(
-                f"{type(self.penalty).__name__} differentiates the Hessian, and "
-                "PyTorch's autograd returns wrong third derivatives for "
-                f"{', '.join(defects)} (mode={self.mode!r}). Use mode='eval' for "
-                "BatchNorm with running statistics, or a normalization written in "
-                "plain tensor operations."
-            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -374,8 +362,9 @@ class PenaltyCallback(CurvatureCallback):
     def _objective(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> ProbeObjective:
+        normalization = "plain" if self.penalty.needs_third_order else "native"
         if self.data == "probe":
-            return self.objective(trainer, pl_module)
+            return self.objective(trainer, pl_module, normalization=normalization)
         if not self._micro_batches:
             raise MisconfigurationException(
                 "PenaltyCallback(data='batch') found no training batch for this "
@@ -390,7 +379,9 @@ class PenaltyCallback(CurvatureCallback):
                 for batch in chunks
                 for start in range(0, batch_size(batch), size)
             ]
-        return self.objective(trainer, pl_module, chunks=chunks)
+        return self.objective(
+            trainer, pl_module, normalization=normalization, chunks=chunks
+        )
 
     def _step_size(self, optimizer: Optimizer) -> float:
         rates = [_as_float(group["lr"]) for group in optimizer.param_groups]

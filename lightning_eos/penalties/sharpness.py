@@ -40,8 +40,10 @@ class SharpnessPenalty(Penalty):
     evaluations on the digits MLP on a CPU).
 
     Third derivatives: PyTorch's native BatchNorm with batch statistics,
-    InstanceNorm and LayerNorm give wrong third derivatives; the
-    :class:`~lightning_eos.penalties.PenaltyCallback` refuses them.
+    InstanceNorm and LayerNorm give wrong third derivatives; build the objective
+    with ``normalization="plain"`` (as
+    :class:`~lightning_eos.penalties.PenaltyCallback` does) on models that hold
+    them.
 
     Args:
         coefficient: :math:`\mu`, a finite number at least 0.

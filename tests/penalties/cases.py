@@ -12,8 +12,9 @@ def make_case(name: str) -> Case:
     """26 to 48 parameters, a dozen examples, in uneven chunks."""
     generator = torch.Generator().manual_seed(4321)
     torch.manual_seed(4321)
-    if name in ("mlp", "batchnorm"):
-        norm = [nn.BatchNorm1d(4)] if name == "batchnorm" else []
+    if name in ("mlp", "batchnorm", "layernorm"):
+        norm = {"batchnorm": [nn.BatchNorm1d(4)], "layernorm": [nn.LayerNorm(4)]}
+        norm = norm.get(name, [])
         model = nn.Sequential(nn.Linear(3, 4), *norm, nn.Tanh(), nn.Linear(4, 2))
         inputs = torch.randn(12, 3, dtype=torch.float64, generator=generator)
         targets = torch.randn(12, 2, dtype=torch.float64, generator=generator)

@@ -15,7 +15,6 @@ from lightning_eos.penalties import (
     PenaltyCallback,
     SharpnessPenalty,
     TracePenalty,
-    third_order_defects,
 )
 from tests.callbacks.modules import (
     Regressor,
@@ -179,18 +178,6 @@ SETTINGS = {
         {},
         r"param groups of SGD have different ones: \[0.1, 0.2\]",
     ),
-    "batchnorm-train": (
-        lambda: Regressor(batch_norm=True),
-        SharpnessPenalty(1.0),
-        {},
-        r"wrong third derivatives for net.1 \(BatchNorm1d\) \(mode='train'\)",
-    ),
-    "layernorm": (
-        LayerNormRegressor,
-        TracePenalty(1.0),
-        {"mode": "eval"},
-        r"wrong third derivatives for net.1 \(LayerNorm\) \(mode='eval'\)",
-    ),
     "no-loss": (
         NoLoss,
         GradientNormPenalty(0.1),
@@ -222,24 +209,17 @@ def test_batchnorm_with_running_statistics_is_accepted_in_eval_mode(tmp_path):
     assert callback.history[0].added
 
 
-def test_third_order_defects_name_each_offending_layer():
-    model = nn.Sequential(
-        nn.Linear(2, 4),
-        nn.BatchNorm1d(4),
-        nn.BatchNorm1d(4, track_running_stats=False),
-        nn.InstanceNorm1d(4),
-        nn.LayerNorm(4),
-        nn.GroupNorm(2, 4),
-        nn.RMSNorm(4),
-    )
-    assert third_order_defects(model, train_mode=True) == [
-        "1 (BatchNorm1d)",
-        "2 (BatchNorm1d)",
-        "3 (InstanceNorm1d)",
-        "4 (LayerNorm)",
-    ]
-    assert third_order_defects(model, train_mode=False) == [
-        "2 (BatchNorm1d)",
-        "3 (InstanceNorm1d)",
-        "4 (LayerNorm)",
-    ]
+@pytest.mark.parametrize(
+    ("module_class", "penalty"),
+    [
+        (lambda: Regressor(batch_norm=True), SharpnessPenalty(0.1)),
+        (LayerNormRegressor, TracePenalty(0.1)),
+    ],
+    ids=["batchnorm-train", "layernorm"],
+)
+def test_normalization_layers_are_evaluated_in_plain_operations(
+    tmp_path, module_class, penalty
+):
+    callback = PenaltyCallback(penalty, loss_fn=half_squared_error)
+    fit(tmp_path, module_class(), callback)
+    assert callback.history[0].added
