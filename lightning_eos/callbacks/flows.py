@@ -103,9 +103,11 @@ class FlowMonitor(CurvatureCallback):
     optimizer's first step. Any other optimizer is refused when fitting starts, as
     is gradient clipping. Training on minibatches, or on more data than the probe
     set, is allowed with a warning: the flows then model full-batch descent on the
-    probe set, not the run. Models whose third derivatives PyTorch gets wrong are
-    refused for the central flow: native BatchNorm in train mode (use
-    ``mode="eval"``). Dropout in train mode is refused too: the flows need one
+    probe set, not the run. The central flow needs third derivatives, which
+    PyTorch's fused LayerNorm, InstanceNorm and BatchNorm (train mode) get wrong:
+    the flows evaluate those layers in plain tensor operations
+    (``ProbeObjective(normalization="plain")``), the same function with exact
+    derivatives. Dropout in train mode is refused: the flows need one
     deterministic loss.
 
     Training is not disturbed: the flows and the measurements work on copies of
@@ -266,15 +268,6 @@ class FlowMonitor(CurvatureCallback):
             )
         if self.mode == "train":
             for module in pl_module.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
-                    "central" in self.flow_names
-                ):
-                    raise MisconfigurationException(
-                        "FlowMonitor: PyTorch's native BatchNorm in train mode returns "
-                        "wrong third derivatives, which the central flow needs. Use "
-                        "mode='eval', or a normalization written in plain tensor "
-                        "operations."
-                    )
                 if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
                     raise MisconfigurationException(
                         "FlowMonitor: dropout in train mode makes the loss random; "
@@ -455,6 +448,9 @@ class FlowMonitor(CurvatureCallback):
             dtype=_DTYPES[self.dtype] if self.dtype else None,
             train_mode=self.mode == "train",
             seed=self.seed,
+            # The central flow differentiates the loss three times: PyTorch's fused
+            # layer, instance and batch (train mode) normalization get that wrong.
+            normalization="plain" if "central" in self.flow_names else "native",
             all_reduce=_all_reduce(trainer),
         )
         restored = self._restored or {}
