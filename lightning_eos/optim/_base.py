@@ -1,4 +1,4 @@
-"""What the closure optimizers share: checks, counters, flat vectors, curvature."""
+"""What the closure optimizers share: counters, flat vectors, curvature."""
 
 from __future__ import annotations
 
@@ -22,57 +22,6 @@ from lightning_eos.optim._closure import (
 
 HessianProducts = Literal["exact", "finite_difference"]
 _COUNTERS = ("steps", "gradients", "losses", "hvps", "third_order")
-
-
-def check_number(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """Return ``value`` as a float, or raise a ValueError naming ``name``.
-
-    The accepted range is ``[low, high]``, with open ends where asked.
-    """
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    number = float(value) if ok else math.nan
-    if ok and math.isfinite(number):
-        if low is not None:
-            ok = number > low if low_open else number >= low
-        if ok and high is not None:
-            ok = number < high if high_open else number <= high
-    else:
-        ok = False
-    if not ok:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        raise ValueError(
-            f"`{name}` must be a finite number in {left}{lo}, {hi}{right}, got "
-            f"{value!r}."
-        )
-    return number
-
-
-def check_int(name: str, value: Any, *, low: int = 1) -> int:
-    """Return ``value`` if it is an integer of at least ``low``, else raise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(
-            f"`{name}` must be an integer of at least {low}, got {value!r}."
-        )
-    return value
-
-
-def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise."""
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
-    return value
 
 
 class ClosureOptimizer(Optimizer):

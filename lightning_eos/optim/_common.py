@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_choice, check_number
 from lightning_eos.curvature.lanczos import Eigenpairs, lanczos
-from lightning_eos.optim._base import Derivatives, check_choice, check_number
+from lightning_eos.optim._base import Derivatives
 
 
 def check_products(hessian_products: str, fd_step: float) -> None:

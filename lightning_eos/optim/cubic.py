@@ -9,14 +9,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_choice, check_int, check_number
 from lightning_eos.optim._base import (
     ClosureOptimizer,
     Derivatives,
     HessianProducts,
-    check_choice,
     check_dtypes,
-    check_int,
-    check_number,
     write,
 )
 from lightning_eos.optim._common import check_products, shared_settings

@@ -9,14 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_eos.optim._base import (
-    ClosureOptimizer,
-    Derivatives,
-    check_dtypes,
-    check_int,
-    check_number,
-    write,
-)
+from lightning_eos._validation import check_int, check_number
+from lightning_eos.optim._base import ClosureOptimizer, Derivatives, check_dtypes, write
 from lightning_eos.optim._common import shared_settings
 from lightning_eos.optim._outputs import OutputProducts
 

@@ -11,14 +11,12 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
+from lightning_eos._validation import check_choice, check_int, check_number
 from lightning_eos.curvature.blocks import reduced_derivatives
 from lightning_eos.optim._base import (
     ClosureOptimizer,
     Derivatives,
-    check_choice,
     check_dtypes,
-    check_int,
-    check_number,
     flatten,
     split,
     write,

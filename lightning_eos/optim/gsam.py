@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_number
 from lightning_eos.curvature.thresholds import StabilityThreshold
-from lightning_eos.optim._base import check_number
 from lightning_eos.optim.sam import SAM, BaseOptimizer, Perturb
 
 

@@ -9,13 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_int, check_number
 from lightning_eos.optim._base import (
     ClosureOptimizer,
     Derivatives,
     HessianProducts,
     check_dtypes,
-    check_int,
-    check_number,
     write,
 )
 from lightning_eos.optim._cg import capped_cg

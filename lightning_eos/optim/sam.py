@@ -11,12 +11,9 @@ import torch
 from torch import Tensor
 from torch.optim import LBFGS, Optimizer
 
+from lightning_eos._validation import check_choice, check_number
 from lightning_eos.curvature.thresholds import StabilityThreshold, stability_threshold
-from lightning_eos.optim._base import (
-    ClosureOptimizer,
-    check_choice,
-    check_number,
-)
+from lightning_eos.optim._base import ClosureOptimizer
 
 Perturb = Literal["all", "weights", "none"]
 _PERTURB = ("all", "weights", "none")
