@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_eos._validation import check_int, check_number
 from lightning_eos.callbacks._probe_set import ProbeSet, draw_probe_set
 from lightning_eos.curvature.objective import ProbeObjective
 
@@ -38,10 +39,25 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer of at least 1, got {value!r}.")
-    return value
+def check_eigensolver(k: Any, tol: Any, max_iter: Any) -> tuple[int, float, int]:
+    """Check the eigensolver settings of a monitor.
+
+    Args:
+        k: Number of top eigenpairs, an integer of at least 1.
+        tol: Relative residual tolerance of Lanczos, a number in (0, 1).
+        max_iter: Most Lanczos steps, an integer of at least 1.
+
+    Returns:
+        ``(k, tol, max_iter)``, with ``tol`` as a float.
+
+    Raises:
+        ValueError: For a setting outside its range, naming it.
+    """
+    return (
+        check_int("k", k),
+        check_number("tol", tol, low=0.0, high=1.0, low_open=True, high_open=True),
+        check_int("max_iter", max_iter),
+    )
 
 
 class CurvatureCallback(Callback):
@@ -68,9 +84,9 @@ class CurvatureCallback(Callback):
         dtype: Literal["float32", "float64"] | None,
         seed: int,
     ) -> None:
-        self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
-        self.probe_size = _positive_int("probe_size", probe_size)
-        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps)
+        self.probe_size = check_int("probe_size", probe_size)
+        self.chunk_size = check_int("chunk_size", chunk_size)
         if mode not in ("train", "eval"):
             raise ValueError(f"`mode` must be 'train' or 'eval', got {mode!r}.")
         if dtype is not None and dtype not in _DTYPES:

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_eos._validation import check_int
 from lightning_eos.callbacks._base import CurvatureCallback
 from lightning_eos.curvature.density import SpectralDensity, spectral_density
 from lightning_eos.curvature.hessian import HessianOperator
@@ -93,18 +94,9 @@ class SpectralDensityMonitor(CurvatureCallback):
         super().__init__(
             every_n_steps, probe_size, chunk_size, loss_fn, mode, dtype, seed
         )
-        for name, value in (
-            ("num_probes", num_probes),
-            ("num_steps", num_steps),
-            ("bins", bins),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"`{name}` must be an integer of at least 1, got {value!r}."
-                )
-        self.num_probes = num_probes
-        self.num_steps = num_steps
-        self.bins = bins
+        self.num_probes = check_int("num_probes", num_probes)
+        self.num_steps = check_int("num_steps", num_steps)
+        self.bins = check_int("bins", bins)
         self.figure = bool(figure)
         self.history: list[DensityRecord] = []
 

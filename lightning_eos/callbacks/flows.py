@@ -15,11 +15,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_eos._validation import check_int
 from lightning_eos.callbacks._base import _DTYPES, CurvatureCallback, _all_reduce
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.lanczos import lanczos
 from lightning_eos.curvature.objective import ProbeObjective
-from lightning_eos.flows._base import FlowRecord, check_count, loss_and_gradient
+from lightning_eos.flows._base import FlowRecord, loss_and_gradient
 from lightning_eos.flows.central_flow import CentralFlow
 from lightning_eos.flows.gradient_flow import GradientFlow
 from lightning_eos.flows.rmsprop import (
@@ -212,13 +213,13 @@ class FlowMonitor(CurvatureCallback):
                 f"without repetition, got {flows!r}."
             )
         self.flow_names: tuple[str, ...] = names
-        self.average_window = check_count("average_window", average_window)
+        self.average_window = check_int("average_window", average_window)
         for name, value in (
             ("sharpness_every_n_steps", sharpness_every_n_steps),
             ("figure_every_n_steps", figure_every_n_steps),
         ):
             if value is not None:
-                check_count(name, value)
+                check_int(name, value)
         self.sharpness_every_n_steps = sharpness_every_n_steps
         self.figure_every_n_steps = figure_every_n_steps
         self.flow_options = {

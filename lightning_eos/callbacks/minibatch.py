@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 from typing_extensions import override
 
-from lightning_eos.callbacks._base import _DTYPES, CurvatureCallback
+from lightning_eos._validation import check_int
+from lightning_eos.callbacks._base import _DTYPES, CurvatureCallback, check_eigensolver
 from lightning_eos.callbacks._probe_set import _collated_chunks, training_dataloader
 from lightning_eos.callbacks._shared import (
     EigenpairSource,
@@ -127,27 +128,13 @@ class MinibatchSharpnessMonitor(CurvatureCallback):
         super().__init__(
             every_n_steps, probe_size, chunk_size, loss_fn, mode, dtype, seed
         )
-        for name, value in (("num_batches", num_batches), ("max_iter", max_iter)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"`{name}` must be an integer of at least 1, got {value!r}."
-                )
-        if batch_size is not None and (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, int)
-            or batch_size < 1
-        ):
-            raise ValueError(
-                f"`batch_size` must be an integer of at least 1 or None, got "
-                f"{batch_size!r}."
-            )
-        if not isinstance(tol, (int, float)) or not 0 < tol < 1:
-            raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
-        self.num_batches = num_batches
-        self.batch_size = batch_size
-        self.tol, self.max_iter = float(tol), max_iter
+        self.num_batches = check_int("num_batches", num_batches)
+        self.batch_size = (
+            None if batch_size is None else check_int("batch_size", batch_size)
+        )
+        _, self.tol, self.max_iter = check_eigensolver(1, tol, max_iter)
         self.history: list[MinibatchRecord] = []
-        self.source = EigenpairSource(1, eigenpairs, float(tol), max_iter)
+        self.source = EigenpairSource(1, eigenpairs, self.tol, self.max_iter)
         self._threshold: float | None = None
         self._minibatch_size = 0
 

@@ -8,6 +8,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_eos._validation import check_int
+
 
 class OptimizerStatsLogger(Callback):
     """Write each optimizer's ``last_stats`` and counters to the loggers.
@@ -47,16 +49,7 @@ class OptimizerStatsLogger(Callback):
     def __init__(
         self, every_n_steps: int = 1, prefix: str = "optim", counters: bool = True
     ) -> None:
-        if (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ValueError(
-                "`every_n_steps` must be an integer of at least 1, got "
-                f"{every_n_steps!r}."
-            )
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_int("every_n_steps", every_n_steps)
         self.prefix = prefix
         self.counters = counters
         self.last_metrics: dict[str, float] = {}

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_eos.callbacks._base import CurvatureCallback
+from lightning_eos.callbacks._base import CurvatureCallback, check_eigensolver
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.lanczos import lanczos
 from lightning_eos.curvature.preconditioned import (
@@ -110,15 +110,7 @@ class PreconditionedSharpnessMonitor(CurvatureCallback):
         super().__init__(
             every_n_steps, probe_size, chunk_size, loss_fn, mode, dtype, seed
         )
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k` must be an integer of at least 1, got {k!r}.")
-        if not isinstance(tol, (int, float)) or not 0 < tol < 1:
-            raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(
-                f"`max_iter` must be an integer of at least 1, got {max_iter!r}."
-            )
-        self.k, self.tol, self.max_iter = k, float(tol), max_iter
+        self.k, self.tol, self.max_iter = check_eigensolver(k, tol, max_iter)
         self.history: list[PreconditionedRecord] = []
         self._vectors: Tensor | None = None
 

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_eos.callbacks._base import CurvatureCallback
+from lightning_eos._validation import check_int
+from lightning_eos.callbacks._base import CurvatureCallback, check_eigensolver
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.lanczos import Eigenpairs, lanczos
 from lightning_eos.curvature.thresholds import StabilityThreshold, stability_threshold
@@ -149,27 +150,8 @@ class SharpnessMonitor(CurvatureCallback):
         super().__init__(
             every_n_steps, probe_size, chunk_size, loss_fn, mode, dtype, seed
         )
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k` must be an integer of at least 1, got {k!r}.")
-        if not isinstance(tol, (int, float)) or not 0 < tol < 1:
-            raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(
-                f"`max_iter` must be an integer of at least 1, got {max_iter!r}."
-            )
-        if (
-            isinstance(extra_vectors, bool)
-            or not isinstance(extra_vectors, int)
-            or extra_vectors < 0
-        ):
-            raise ValueError(
-                "`extra_vectors` must be an integer of at least 0, got "
-                f"{extra_vectors!r}."
-            )
-        self.k = k
-        self.tol = float(tol)
-        self.max_iter = max_iter
-        self.extra_vectors = extra_vectors
+        self.k, self.tol, self.max_iter = check_eigensolver(k, tol, max_iter)
+        self.extra_vectors = check_int("extra_vectors", extra_vectors, low=0)
         self.history: list[SharpnessRecord] = []
         self.last_result: Eigenpairs | None = None
         self._vectors: Tensor | None = None

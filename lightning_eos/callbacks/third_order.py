@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_eos.callbacks._base import CurvatureCallback
+from lightning_eos.callbacks._base import CurvatureCallback, check_eigensolver
 from lightning_eos.callbacks._shared import (
     EigenpairSource,
     Sharing,
@@ -154,14 +154,7 @@ class ThirdOrderMonitor(CurvatureCallback):
         super().__init__(
             every_n_steps, probe_size, chunk_size, loss_fn, mode, dtype, seed
         )
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k` must be an integer of at least 1, got {k!r}.")
-        if not isinstance(tol, (int, float)) or not 0 < tol < 1:
-            raise ValueError(f"`tol` must be a number in (0, 1), got {tol!r}.")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(
-                f"`max_iter` must be an integer of at least 1, got {max_iter!r}."
-            )
+        k, tol, max_iter = check_eigensolver(k, tol, max_iter)
         if block_direction not in ("update", "gradient", "none"):
             raise ValueError(
                 "`block_direction` must be 'update', 'gradient' or 'none', got "
@@ -181,7 +174,7 @@ class ThirdOrderMonitor(CurvatureCallback):
         self.block_third_order = block_third_order
         self.fixed_threshold = threshold
         self.history: list[ThirdOrderRecord] = []
-        self.source = EigenpairSource(k, eigenpairs, float(tol), max_iter)
+        self.source = EigenpairSource(k, eigenpairs, tol, max_iter)
         #: θ*, u₁* and ∇S⊥* as the rows of one (3, dim) float64 tensor, once fixed.
         self.reference: Tensor | None = None
         self.reference_step: int | None = None

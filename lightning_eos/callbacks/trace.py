@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_eos._validation import check_int
 from lightning_eos.callbacks._base import CurvatureCallback
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.trace import hutchinson, hutchpp
@@ -90,18 +91,10 @@ class HessianTraceMonitor(CurvatureCallback):
             raise ValueError(
                 f"`method` must be 'hutchinson' or 'hutchpp', got {method!r}."
             )
-        least = 3 if method == "hutchpp" else 1
-        if (
-            isinstance(num_products, bool)
-            or not isinstance(num_products, int)
-            or num_products < least
-        ):
-            raise ValueError(
-                f"`num_products` must be an integer of at least {least} for "
-                f"method={method!r}, got {num_products!r}."
-            )
         self.method = method
-        self.num_products = num_products
+        self.num_products = check_int(
+            "num_products", num_products, low=3 if method == "hutchpp" else 1
+        )
         self.history: list[TraceRecord] = []
 
     @property

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_int
 from lightning_eos.curvature.lanczos import SymmetricOperator
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -111,11 +112,8 @@ def spectral_density(
     Raises:
         ValueError: If ``num_probes`` or ``num_steps`` is not a positive integer.
     """
-    for name, value in (("num_probes", num_probes), ("num_steps", num_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"`{name}` must be an integer of at least 1, got {value!r}."
-            )
+    check_int("num_probes", num_probes)
+    check_int("num_steps", num_steps)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     dim, dtype, device = operator.dim, operator.dtype, operator.device
     steps = min(num_steps, dim)

@@ -8,6 +8,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_int
+
 #: Eigenvalues below this fraction of ‖H‖ are resolved to an absolute accuracy of
 #: ``tol`` times this fraction of ‖H‖ instead of to a relative one.
 _SMALL_EIGENVALUE = 1e-2
@@ -252,18 +254,9 @@ def lanczos(
         )
     if not tol > 0:
         raise ValueError(f"`tol` must be positive, got {tol!r}.")
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(
-            f"`max_iter` must be an integer of at least 1, got {max_iter!r}."
-        )
-    block = k if block_size is None else block_size
-    if not isinstance(block, int) or block < 1:
-        raise ValueError(
-            f"`block_size` must be an integer of at least 1, got {block!r}."
-        )
-    block = min(block, dim)
-    if not isinstance(extra, int) or extra < 0:
-        raise ValueError(f"`extra` must be a non-negative integer, got {extra!r}.")
+    check_int("max_iter", max_iter)
+    block = min(check_int("block_size", k if block_size is None else block_size), dim)
+    check_int("extra", extra, low=0)
     if max_iter * block < k:
         raise ValueError(
             f"`max_iter` × `block_size` must be at least `k` = {k} to find {k} "

@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_int
 from lightning_eos.curvature.lanczos import SymmetricOperator
 
 Distribution = Literal["rademacher", "gaussian"]
@@ -105,8 +106,8 @@ def hutchinson(
     Returns:
         The :class:`TraceEstimate`.
     """
-    _check_count("num_samples", num_samples, 1)
-    _check_count("block_size", block_size, 1)
+    check_int("num_samples", num_samples)
+    check_int("block_size", block_size)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     samples = _quadratic_forms(
         operator, num_samples, generator, distribution, block_size, basis=None
@@ -145,8 +146,8 @@ def hutchpp(
     Returns:
         The :class:`TraceEstimate`; its ``stderr`` is that of the deflated part.
     """
-    _check_count("num_products", num_products, 3)
-    _check_count("block_size", block_size, 1)
+    check_int("num_products", num_products, low=3)
+    check_int("block_size", block_size)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     sketch_size = min(num_products // 3, operator.dim)
     sketch = random_vectors(
@@ -216,10 +217,3 @@ def _stderr(samples: Tensor) -> float:
     if samples.numel() < 2:
         return math.nan
     return float(samples.std(correction=1) / math.sqrt(samples.numel()))
-
-
-def _check_count(name: str, value: int, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(
-            f"`{name}` must be an integer of at least {least}, got {value!r}."
-        )

@@ -14,6 +14,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
+from lightning_eos._validation import check_int, check_number
+
 __all__ = ["DigitsDataModule"]
 
 _TARGETS = ("one_hot", "labels")
@@ -124,20 +126,14 @@ class DigitsDataModule(LightningDataModule):
         flatten: bool = True,
     ) -> None:
         super().__init__()
-        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
-            raise ValueError(
-                f"batch_size must be a positive integer or None; got {batch_size!r}."
-            )
-        if isinstance(test_fraction, bool) or not 0.0 <= test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in [0, 1); got {test_fraction!r}.")
+        if batch_size is not None:
+            check_int("batch_size", batch_size)
+        check_number("test_fraction", test_fraction, low=0.0, high=1.0, high_open=True)
         if targets not in _TARGETS:
             raise ValueError(f"targets must be one of {_TARGETS}; got {targets!r}.")
-        if not _is_int(seed):
+        if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer; got {seed!r}.")
-        if not _is_int(num_workers) or num_workers < 0:
-            raise ValueError(
-                f"num_workers must be a non-negative integer; got {num_workers!r}."
-            )
+        check_int("num_workers", num_workers, low=0)
 
         self.save_hyperparameters()
         self.batch_size = batch_size
@@ -273,7 +269,3 @@ class DigitsDataModule(LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"Call setup() before {caller}().")
         return dataset
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_choice, check_int, check_number
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.lanczos import Eigenpairs, lanczos
 from lightning_eos.curvature.objective import ProbeObjective
@@ -61,29 +62,6 @@ class FlowRecord:
     third_order: int = 0
     seconds: float = 0.0
     converged: bool = True
-
-
-def check_positive(name: str, value: Any, upper: float | None = None) -> float:
-    """A finite number in ``(0, upper]``, or a ValueError naming ``name``."""
-    accepted = f"(0, {upper}]" if upper is not None else "(0, ∞)"
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-        or (upper is not None and value > upper)
-    ):
-        raise ValueError(f"`{name}` must be a number in {accepted}, got {value!r}.")
-    return float(value)
-
-
-def check_count(name: str, value: Any, minimum: int = 1) -> int:
-    """An integer of at least ``minimum``, or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"`{name}` must be an integer of at least {minimum}, got {value!r}."
-        )
-    return value
 
 
 def loss_and_gradient(objective: ProbeObjective, theta: Tensor) -> tuple[float, Tensor]:
@@ -142,19 +120,19 @@ class _Flow:
         seed: int,
         max_substeps: int = 256,
     ) -> None:
-        self.lr = check_positive("lr", lr)
-        self.max_substeps = check_count("max_substeps", max_substeps)
-        if method not in STABILITY_BOUNDS:
-            raise ValueError(
-                f"`method` must be one of {tuple(STABILITY_BOUNDS)}, got {method!r}."
-            )
-        self.method = method
-        self.substep_bound = check_positive(
-            "substep_bound", substep_bound, STABILITY_BOUNDS[method]
+        self.lr = check_number("lr", lr, low=0.0, low_open=True)
+        self.max_substeps = check_int("max_substeps", max_substeps)
+        self.method = check_choice("method", method, STABILITY_BOUNDS)
+        self.substep_bound = check_number(
+            "substep_bound",
+            substep_bound,
+            low=0.0,
+            high=STABILITY_BOUNDS[method],
+            low_open=True,
         )
-        self.tol = check_positive("tol", tol, 0.5)
-        self.max_iter = check_count("max_iter", max_iter)
-        self.extra_vectors = check_count("extra_vectors", extra_vectors, 0)
+        self.tol = check_number("tol", tol, low=0.0, high=0.5, low_open=True)
+        self.max_iter = check_int("max_iter", max_iter)
+        self.extra_vectors = check_int("extra_vectors", extra_vectors, low=0)
         if point.dim() != 1 or point.numel() != objective.dim:
             raise ValueError(
                 f"`point` must be a flat vector of {objective.dim} entries, got shape "
@@ -189,10 +167,10 @@ class _Flow:
 
     def _set_lr(self, duration: float, lr: float | None) -> bool:
         """Check the arguments of :meth:`advance`; whether the learning rate changed."""
-        check_positive("duration", duration)
+        check_number("duration", duration, low=0.0, low_open=True)
         if lr is None:
             return False
-        lr = check_positive("lr", lr)
+        lr = check_number("lr", lr, low=0.0, low_open=True)
         changed = lr != self.lr
         self.lr = lr
         return changed

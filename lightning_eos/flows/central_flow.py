@@ -10,13 +10,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_int, check_number
 from lightning_eos.curvature.objective import ProbeObjective
 from lightning_eos.flows._base import (
     FlowRecord,
     Method,
     _Flow,
-    check_count,
-    check_positive,
     loss_and_gradient,
     third_order_pairs,
 )
@@ -167,14 +166,16 @@ class CentralFlow(_Flow):
             seed=seed,
             max_substeps=max_substeps,
         )
-        self.substeps = check_count("substeps", substeps)
+        self.substeps = check_int("substeps", substeps)
         self.refresh_every = (
             self.substeps
             if refresh_every is None
-            else check_count("refresh_every", refresh_every)
+            else check_int("refresh_every", refresh_every)
         )
-        self.margin = check_positive("margin", margin, 0.5)
-        self.candidate_tol = check_positive("candidate_tol", candidate_tol, 0.5)
+        self.margin = check_number("margin", margin, low=0.0, high=0.5, low_open=True)
+        self.candidate_tol = check_number(
+            "candidate_tol", candidate_tol, low=0.0, high=0.5, low_open=True
+        )
         self.tracked = 1
         self.detached = False  # whether it has ever left gradient flow
         self._frame: dict[str, Any] | None = None  # the last refresh

@@ -2,13 +2,13 @@ r"""The stable flow and the central flow of RMSProp (the preconditioned form).""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_number
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.objective import ProbeObjective
 from lightning_eos.flows._base import Method
@@ -50,19 +50,10 @@ class _RMSPropState:
     objective: ProbeObjective
 
     def _init_state(self, alpha: float, eps: float, nu: Tensor | None) -> None:
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not (0 < alpha < 1)
-        ):
-            raise ValueError(f"`alpha` must be a number in (0, 1), got {alpha!r}.")
-        if (
-            isinstance(eps, bool)
-            or not isinstance(eps, (int, float))
-            or not (math.isfinite(eps) and eps >= 0)
-        ):
-            raise ValueError(f"`eps` must be a finite number ≥ 0, got {eps!r}.")
-        self.alpha, self.eps = float(alpha), float(eps)
+        self.alpha = check_number(
+            "alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True
+        )
+        self.eps = check_number("eps", eps, low=0.0)
         self.kappa = (1.0 - self.alpha) / self.alpha
         if nu is None:
             gradient = self._gradient(self.theta)  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_eos._validation import check_int
 from lightning_eos.losses import half_squared_error
 from lightning_eos.optim import backward_with_graph
 
@@ -46,23 +47,15 @@ def check_widths(name: str, widths: Sequence[int], allow_empty: bool) -> None:
     """
     valid = isinstance(widths, Sequence) and not isinstance(widths, str)
     if valid:
-        valid = all(is_positive_int(width) for width in widths)
+        valid = all(
+            isinstance(width, int) and not isinstance(width, bool) and width >= 1
+            for width in widths
+        )
     if not valid or (not widths and not allow_empty):
         accepted = "a" if allow_empty else "a non-empty"
         raise ValueError(
             f"{name} must be {accepted} sequence of positive integers; got {widths!r}."
         )
-
-
-def check_positive_int(name: str, value: int) -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is a positive integer."""
-    if not is_positive_int(value):
-        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-
-
-def is_positive_int(value: object) -> bool:
-    """Whether ``value`` is an ``int`` (not a ``bool``) of at least one."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _labels(targets: Tensor) -> Tensor:
@@ -100,11 +93,7 @@ class _Classifier(LightningModule):
     def __init__(self, num_classes: int, activation: Activation, loss: Loss) -> None:
         super().__init__()
         make_activation(activation)  # fails fast on a bad name, even without layers
-        if not is_positive_int(num_classes) or num_classes < 2:
-            raise ValueError(
-                "output_dim must be an integer of at least 2 (the number of classes); "
-                f"got {num_classes!r}."
-            )
+        check_int("output_dim", num_classes, low=2)
         if loss not in _LOSSES:
             raise ValueError(f"loss must be one of {_LOSSES}; got {loss!r}.")
 

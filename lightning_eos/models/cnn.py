@@ -6,11 +6,11 @@ from itertools import pairwise
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_eos._validation import check_int
 from lightning_eos.models._classifier import (
     Activation,
     Loss,
     _Classifier,
-    check_positive_int,
     check_widths,
     make_activation,
 )
@@ -71,7 +71,7 @@ class SmallCNN(_Classifier):
         batch_norm: bool = False,
     ) -> None:
         super().__init__(output_dim, activation, loss)
-        check_positive_int("in_channels", in_channels)
+        check_int("in_channels", in_channels)
         check_widths("channels", channels, allow_empty=False)
         self.save_hyperparameters()
 

@@ -6,11 +6,11 @@ from itertools import pairwise
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_eos._validation import check_int
 from lightning_eos.models._classifier import (
     Activation,
     Loss,
     _Classifier,
-    check_positive_int,
     check_widths,
     make_activation,
 )
@@ -96,7 +96,7 @@ class MLP(_Classifier):
         bias: bool = True,
     ) -> None:
         super().__init__(output_dim, activation, loss)
-        check_positive_int("input_dim", input_dim)
+        check_int("input_dim", input_dim)
         check_widths("hidden_dims", hidden_dims, allow_empty=True)
         self.save_hyperparameters()
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_number
 from lightning_eos.curvature.objective import ProbeObjective
 
 #: A penalty coefficient: a non-negative number, or ``"lr"`` for the learning rate of
@@ -113,36 +113,12 @@ def check_coefficient(name: str, value: Any, allow_lr: bool) -> Coefficient:
     """
     if allow_lr and value == "lr":
         return "lr"
-    accepted = "a finite number ≥ 0" + (" or 'lr'" if allow_lr else "")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
-    return float(value)
-
-
-def check_positive(name: str, value: Any, upper: float = math.inf) -> float:
-    """Return ``value`` as a float in ``(0, upper]``, or raise a ``ValueError``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not 0 < value <= upper
-        or not math.isfinite(value)
-    ):
-        bound = "" if upper == math.inf else f" and at most {upper}"
-        raise ValueError(
-            f"`{name}` must be a finite number greater than 0{bound}, got {value!r}."
-        )
-    return float(value)
-
-
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """Return ``value`` if it is an integer of at least ``minimum``, else raise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"`{name}` must be an integer of at least {minimum}, got {value!r}."
-        )
-    return value
+    try:
+        return check_number(name, value, low=0.0)
+    except ValueError as error:
+        if not allow_lr:
+            raise
+        raise ValueError(f"{error} 'lr' is accepted too.") from None
 
 
 def resolve_coefficient(

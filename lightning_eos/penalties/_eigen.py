@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_int, check_number
 from lightning_eos.curvature.lanczos import Eigenpairs, SymmetricOperator, lanczos
-from lightning_eos.penalties._base import check_int, check_positive
 
 
 class WarmTopEigenpair:
@@ -24,10 +24,10 @@ class WarmTopEigenpair:
     def __init__(
         self, tol: float, max_iter: int, extra_vectors: int, seed: int
     ) -> None:
-        self.tol = check_positive("tol", tol, upper=1.0)
-        self.max_iter = check_int("max_iter", max_iter, 1)
-        self.extra_vectors = check_int("extra_vectors", extra_vectors, 0)
-        self.seed = check_int("seed", seed, 0)
+        self.tol = check_number("tol", tol, low=0.0, high=1.0, low_open=True)
+        self.max_iter = check_int("max_iter", max_iter)
+        self.extra_vectors = check_int("extra_vectors", extra_vectors, low=0)
+        self.seed = check_int("seed", seed, low=0)
         self.generator = torch.Generator().manual_seed(seed)
         self.vectors: Tensor | None = None
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_eos._validation import check_choice, check_int
 from lightning_eos.callbacks._base import CurvatureCallback
 from lightning_eos.callbacks._probe_set import draw_probe_set
 from lightning_eos.curvature._batches import batch_size, slice_batch
@@ -169,17 +170,8 @@ class PenaltyCallback(CurvatureCallback):
                 "`penalty` must be a lightning_eos.penalties.Penalty, got "
                 f"{type(penalty).__name__}."
             )
-        if data not in _DATA:
-            raise ValueError(f"`data` must be one of {_DATA}, got {data!r}.")
-        if (
-            isinstance(log_every_n_steps, bool)
-            or not isinstance(log_every_n_steps, int)
-            or log_every_n_steps < 1
-        ):
-            raise ValueError(
-                "`log_every_n_steps` must be an integer of at least 1, got "
-                f"{log_every_n_steps!r}."
-            )
+        check_choice("data", data, _DATA)
+        check_int("log_every_n_steps", log_every_n_steps)
         super().__init__(
             log_every_n_steps,
             probe_size,

@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 
+from lightning_eos._validation import check_number
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.objective import ProbeObjective
-from lightning_eos.penalties._base import Penalty, PenaltyResult, check_positive
+from lightning_eos.penalties._base import Penalty, PenaltyResult
 from lightning_eos.penalties._eigen import WarmTopEigenpair
 
 
@@ -101,8 +102,8 @@ class CentralFlowPenalty(Penalty):
         extra_vectors: int = 1,
         seed: int = 0,
     ) -> None:
-        self.target_lr = check_positive("target_lr", target_lr)
-        self.rate = check_positive("rate", rate, upper=1.0)
+        self.target_lr = check_number("target_lr", target_lr, low=0.0, low_open=True)
+        self.rate = check_number("rate", rate, low=0.0, high=1.0, low_open=True)
         self.eigensolver = WarmTopEigenpair(tol, max_iter, extra_vectors, seed)
 
     @property

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_eos._validation import check_int
 from lightning_eos.curvature._batches import (
     batch_size,
     concat_batches,
@@ -20,7 +21,6 @@ from lightning_eos.penalties._base import (
     Penalty,
     PenaltyResult,
     check_coefficient,
-    check_int,
     resolve_coefficient,
 )
 
@@ -170,12 +170,12 @@ class MinibatchGradientNormPenalty(Penalty):
         shuffle: bool = False,
         seed: int = 0,
     ) -> None:
-        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.batch_size = check_int("batch_size", batch_size)
         self.coefficient = check_coefficient("coefficient", coefficient, True)
         if not isinstance(shuffle, bool):
             raise ValueError(f"`shuffle` must be a bool, got {shuffle!r}.")
         self.shuffle = shuffle
-        self.seed = check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, low=0)
         self.generator = torch.Generator().manual_seed(seed)
 
     @property

@@ -7,13 +7,13 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_eos._validation import check_choice, check_int
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.objective import ProbeObjective
 from lightning_eos.penalties._base import (
     Penalty,
     PenaltyResult,
     check_coefficient,
-    check_int,
     unit_random,
 )
 
@@ -78,13 +78,9 @@ class TracePenalty(Penalty):
         seed: int = 0,
     ) -> None:
         self.coefficient = check_coefficient("coefficient", coefficient, False)
-        self.num_samples = check_int("num_samples", num_samples, 1)
-        if distribution not in _DISTRIBUTIONS:
-            raise ValueError(
-                f"`distribution` must be one of {_DISTRIBUTIONS}, got {distribution!r}."
-            )
-        self.distribution = distribution
-        self.seed = check_int("seed", seed, 0)
+        self.num_samples = check_int("num_samples", num_samples)
+        self.distribution = check_choice("distribution", distribution, _DISTRIBUTIONS)
+        self.seed = check_int("seed", seed, low=0)
         self.generator = torch.Generator().manual_seed(seed)
         self.last_vectors: torch.Tensor | None = None
 

@@ -209,7 +209,7 @@ def test_runs_a_probe_cannot_measure_are_refused(
         (lambda: HessianTraceMonitor(method="exact"), "`method` must be 'hutchinson'"),
         (
             lambda: HessianTraceMonitor(num_products=2),
-            "at least 3 for method='hutchpp'",
+            "`num_products` must be an integer of at least 3, got 2",
         ),
         (lambda: SpectralDensityMonitor(bins=0), "`bins` must be an integer"),
         (lambda: MinibatchSharpnessMonitor(batch_size=0), "`batch_size` must be"),

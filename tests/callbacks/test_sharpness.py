@@ -324,7 +324,7 @@ def test_unconverged_measurement_warns(tmp_path):
         ),
         ({"probe_size": 0}, "`probe_size` must be an integer of at least 1, got 0"),
         ({"chunk_size": -1}, "`chunk_size` must be an integer of at least 1, got -1"),
-        ({"tol": 0}, r"`tol` must be a number in \(0, 1\), got 0"),
+        ({"tol": 0}, r"`tol` must be a finite number in \(0, 1\), got 0"),
         ({"max_iter": 0}, "`max_iter` must be an integer of at least 1, got 0"),
         ({"extra_vectors": -1}, "`extra_vectors` must be an integer of at least 0"),
         ({"mode": "test"}, "`mode` must be 'train' or 'eval', got 'test'"),

@@ -184,7 +184,7 @@ def test_reference_point_waits_for_the_threshold(tmp_path):
         ({"block_third_order": "cubic"}, "`block_third_order` must be"),
         ({"threshold": -1.0}, "`threshold` must be positive"),
         ({"eigenpairs": "borrow"}, "`eigenpairs` must be 'auto' or 'own'"),
-        ({"tol": 2.0}, r"`tol` must be a number in \(0, 1\)"),
+        ({"tol": 2.0}, r"`tol` must be a finite number in \(0, 1\), got 2.0"),
     ],
     ids=["k", "direction", "third", "threshold", "eigenpairs", "tol"],
 )

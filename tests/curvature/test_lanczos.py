@@ -143,7 +143,7 @@ def test_random_start_is_reproducible_and_leaves_global_rng():
         ({"tol": 0.0}, "`tol` must be positive, got 0.0"),
         ({"max_iter": 0}, "`max_iter` must be an integer of at least 1, got 0"),
         ({"block_size": 0}, "`block_size` must be an integer of at least 1, got 0"),
-        ({"extra": -1}, "`extra` must be a non-negative integer, got -1"),
+        ({"extra": -1}, "`extra` must be an integer of at least 0, got -1"),
         ({"k": 4, "block_size": 1, "max_iter": 3}, "must be at least `k` = 4"),
         ({"init": torch.ones(2, 5)}, r"`init` must have shape \(n, 6\) or \(6,\)"),
     ],

@@ -158,14 +158,14 @@ def test_class_attributes():
 
 
 BAD_ARGUMENTS = {
-    "batch_size-zero": ({"batch_size": 0}, r"batch_size must be .*got 0"),
-    "batch_size-float": ({"batch_size": 2.5}, r"batch_size must be .*got 2\.5"),
-    "batch_size-bool": ({"batch_size": True}, r"batch_size must be .*got True"),
-    "test_fraction-negative": ({"test_fraction": -0.1}, r"test_fraction .*got -0\.1"),
-    "test_fraction-one": ({"test_fraction": 1.0}, r"test_fraction .*\[0, 1\).*1\.0"),
+    "batch_size-zero": ({"batch_size": 0}, r"`batch_size` must be .*got 0"),
+    "batch_size-float": ({"batch_size": 2.5}, r"`batch_size` must be .*got 2\.5"),
+    "batch_size-bool": ({"batch_size": True}, r"`batch_size` must be .*got True"),
+    "test_fraction-negative": ({"test_fraction": -0.1}, r"`test_fraction` .*got -0\.1"),
+    "test_fraction-one": ({"test_fraction": 1.0}, r"`test_fraction` .*\[0, 1\).*1\.0"),
     "targets-unknown": ({"targets": "onehot"}, r"targets must be one of .*'onehot'"),
     "seed-float": ({"seed": 0.5}, r"seed must be an integer; got 0\.5"),
-    "num_workers-negative": ({"num_workers": -1}, r"num_workers must be .*got -1"),
+    "num_workers-negative": ({"num_workers": -1}, r"`num_workers` must be .*got -1"),
 }
 
 

@@ -138,7 +138,7 @@ def test_a_stiff_stable_flow_stops_with_a_reason():
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"alpha": 1.0}, "`alpha` must be a number in \\(0, 1\\)"),
+        ({"alpha": 1.0}, "`alpha` must be a finite number in \\(0, 1\\), got 1.0"),
         ({"eps": -1.0}, "`eps`"),
         ({"nu": -torch.ones(2)}, "`nu` must be a flat, finite, non-negative"),
         ({"nu": torch.ones(3)}, "`nu`"),

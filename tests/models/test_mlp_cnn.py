@@ -239,10 +239,10 @@ def test_curvature_loss_has_no_side_effect(
 
 
 BAD_ARGUMENTS = {
-    "mlp-input_dim": (MLP, {"input_dim": 0}, r"input_dim must be a positive .*got 0"),
+    "mlp-input_dim": (MLP, {"input_dim": 0}, r"`input_dim` .*at least 1, got 0"),
     "mlp-hidden_dims-zero": (MLP, {"hidden_dims": (8, 0)}, r"hidden_dims .*\(8, 0\)"),
     "mlp-hidden_dims-str": (MLP, {"hidden_dims": "200"}, r"hidden_dims .*'200'"),
-    "mlp-output_dim": (MLP, {"output_dim": 1}, r"output_dim .*at least 2.*got 1"),
+    "mlp-output_dim": (MLP, {"output_dim": 1}, r"`output_dim` .*at least 2.*got 1"),
     "mlp-activation": (MLP, {"activation": "sigmoid"}, r"activation .*'sigmoid'"),
     "mlp-linear-activation": (
         MLP,
@@ -250,7 +250,7 @@ BAD_ARGUMENTS = {
         r"activation must be one of .*got 'relu6'",
     ),
     "mlp-loss": (MLP, {"loss": "l2"}, r"loss must be one of .*got 'l2'"),
-    "cnn-in_channels": (SmallCNN, {"in_channels": 0}, r"in_channels .*got 0"),
+    "cnn-in_channels": (SmallCNN, {"in_channels": 0}, r"`in_channels` .*got 0"),
     "cnn-channels-empty": (SmallCNN, {"channels": ()}, r"channels must be a non-empty"),
     "cnn-loss": (SmallCNN, {"loss": "hinge"}, r"loss must be one of .*'hinge'"),
 }
