@@ -221,7 +221,7 @@ def test_adopting_a_gradient_flow_changes_nothing():
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"lr": 0.0}, "`lr` must be a finite number in \\(0, inf\\], got 0.0"),
+        ({"lr": 0.0}, "`lr` must be a finite number in \\(0, inf\\), got 0.0"),
         ({"lr": -0.1}, "`lr`"),
         ({"lr": math.inf}, "`lr`"),
         ({"substeps": 0}, "`substeps` must be an integer of at least 1"),

@@ -24,8 +24,8 @@ from tests.callbacks.modules import (
     trainer,
 )
 
-NUMBER = r"must be a finite number in \[0, inf\]"
-POSITIVE = r"must be a finite number in \(0, inf\]"
+NUMBER = r"must be a finite number in \[0, inf\)"
+POSITIVE = r"must be a finite number in \(0, inf\)"
 FRACTION = r"must be a finite number in \(0, 1\]"
 INTEGER = "must be an integer of at least"
 OR_LR = r"\. 'lr' is accepted too"
