@@ -143,6 +143,9 @@ class FlowMonitor(CurvatureCallback):
             away from the threshold).
         candidate_tol: The tolerance of the central flow's eigensolves once
             eigenvalues are near :math:`2/\eta`.
+        max_critical: Most candidate directions of the central flow; beyond, it
+            stops with a warning and logs NaN (far above the edge, where the
+            complementarity problem would take minutes per step).
         max_iter: Most Lanczos steps per eigensolve.
         average_window: Steps in gradient descent's running mean, at least 1.
         sharpness_every_n_steps: How often gradient descent's own λ₁ is measured
@@ -184,6 +187,7 @@ class FlowMonitor(CurvatureCallback):
         substep_bound: float = 1.0,
         tol: float = 1e-2,
         candidate_tol: float = 1e-3,
+        max_critical: int = 20,
         max_iter: int = 100,
         average_window: int = 20,
         sharpness_every_n_steps: int | None = 1,
@@ -202,7 +206,10 @@ class FlowMonitor(CurvatureCallback):
             dtype,
             seed,
         )
-        names = (flows,) if isinstance(flows, str) else tuple(flows)
+        try:
+            names = (flows,) if isinstance(flows, str) else tuple(flows)
+        except TypeError:
+            names = ()
         if (
             not names
             or any(n not in _PREFIX for n in names)
@@ -234,6 +241,7 @@ class FlowMonitor(CurvatureCallback):
             "refresh_every": refresh_every,
             "candidate_tol": candidate_tol,
             "margin": margin,
+            "max_critical": max_critical,
         }
         _check_flow_settings(self.flow_options, self.central_options)
         self.history: list[FlowMonitorRecord] = []

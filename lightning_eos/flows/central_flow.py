@@ -127,6 +127,11 @@ class CentralFlow(_Flow):
         seed: Seed of the eigensolver's random start vectors.
         max_substeps: Most substeps per unit of time away from the threshold (see
             :class:`GradientFlow`).
+        max_critical: Most candidate directions. The complementarity problem
+            has :math:`k(k+1)/2` unknowns for :math:`k` candidates and its solver's
+            cost grows like the cube of that (seconds per substep beyond about 25
+            on a CPU); a flow with more candidates stops, and says so in
+            :attr:`failed`, instead of slowing to a halt. At least 1.
 
     Raises:
         ValueError: For an argument outside its range.
@@ -153,6 +158,7 @@ class CentralFlow(_Flow):
         extra_vectors: int = 1,
         seed: int = 0,
         max_substeps: int = 256,
+        max_critical: int = 20,
     ) -> None:
         super().__init__(
             objective,
@@ -167,6 +173,7 @@ class CentralFlow(_Flow):
             max_substeps=max_substeps,
         )
         self.substeps = check_int("substeps", substeps)
+        self.max_critical = check_int("max_critical", max_critical)
         self.refresh_every = (
             self.substeps
             if refresh_every is None
@@ -338,7 +345,17 @@ class CentralFlow(_Flow):
                 continue
             if count < len(values) or len(values) >= operator.dim:
                 break
+            if count > self.max_critical:
+                break
             self.tracked += 1  # every tracked eigenvalue is a candidate: look further
+        if count > self.max_critical:
+            self.failed = (
+                f"at time {self.time:g}: {count} or more eigenvalues are within "
+                f"{self.margin:g} of the threshold, more than "
+                f"max_critical={self.max_critical}: far above the edge of stability, "
+                "the complementarity problem is too large to solve at every substep"
+            )
+            count = 0
         self.tracked = min(count + 1, operator.dim)
         vectors = self._directions(result.eigenvectors[:count])
         frame: dict[str, Any] = {

@@ -250,3 +250,25 @@ def test_bad_advance_is_refused():
         flow.advance(1.0, lr=-1.0)
     with pytest.raises(ValueError, match="flat vector of 2 entries"):
         GradientFlow(objective(model, toy_loss), torch.zeros(3), lr=ETA)
+
+
+def test_too_many_critical_directions_stop_the_flow_with_a_reason():
+    # Four eigenvalues far above 2/η: beyond max_critical=3 the flow stops, fast,
+    # instead of solving an ever larger complementarity problem at every substep.
+    model = Quadratic([40.0, 35.0, 30.0, 25.0, 1.0])
+    flow = CentralFlow(
+        objective(model, quadratic_loss), model.w.detach(), 0.1, max_critical=3
+    )
+    record = flow.observe()
+    assert flow.failed is not None and "max_critical=3" in flow.failed
+    assert record.critical == 0
+    start = flow.theta.clone()
+    flow.advance(1.0)
+    assert torch.equal(flow.theta, start) and flow.time == 1.0
+    # With room for all four it goes on to the complementarity problem, which a
+    # quadratic (no third derivative to lower the curvature) cannot solve.
+    roomy = CentralFlow(
+        objective(model, quadratic_loss), model.w.detach(), 0.1, max_critical=4
+    )
+    assert roomy.observe().candidates == 4
+    assert "complementarity problem has no solution" in roomy.failed
