@@ -28,6 +28,7 @@ from lightning_eos.curvature.preconditioned import (
     adaptive_preconditioner,
 )
 from lightning_eos.curvature.subspace import SharpnessGradient, sharpness_gradient
+from lightning_eos.curvature.thresholds import StabilityThreshold, stability_threshold
 from lightning_eos.curvature.trace import TraceEstimate, hutchinson, hutchpp
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "ProbeObjective",
     "SharpnessGradient",
     "SpectralDensity",
+    "StabilityThreshold",
     "SymmetricOperator",
     "TraceEstimate",
     "adaptive_preconditioner",
@@ -53,4 +55,5 @@ __all__ = [
     "plain_normalization",
     "sharpness_gradient",
     "spectral_density",
+    "stability_threshold",
 ]
