@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from lightning_eos._validation import check_choice, check_int
+from lightning_eos._validation import check_int
 
 #: Eigenvalues below this fraction of ‖H‖ are resolved to an absolute accuracy of
 #: ``tol`` times this fraction of ‖H‖ instead of to a relative one.
@@ -186,7 +185,6 @@ def lanczos(
     block_size: int | None = None,
     generator: torch.Generator | None = None,
     extra: int = 0,
-    criterion: Literal["residual", "gap"] = "residual",
 ) -> Eigenpairs:
     r"""The ``k`` largest (algebraic) eigenpairs of a symmetric operator.
 
@@ -212,17 +210,6 @@ def lanczos(
     resolved to an absolute accuracy instead. A solve that runs out of steps returns
     ``converged=False``.
 
-    With ``criterion="gap"`` the test is on the eigenvalue itself: a Ritz value is
-    within :math:`\min(r_i, r_i^2/\delta_i)` of an eigenvalue, where :math:`r_i` is
-    its residual norm and :math:`\delta_i` its distance to the rest of the spectrum
-    (Kato-Temple; Saad, *Numerical Methods for Large Eigenvalue Problems*, §3.2).
-    :math:`\delta_i` is estimated by the distance to the nearest other Ritz value,
-    which can overestimate it while an eigenvalue close to :math:`\theta_i` has not
-    appeared yet, so this rule is an estimate, not a bound; it stops when the
-    estimated error is at most ``tol · |θ_i|``, typically several steps earlier than
-    the residual rule for the same ``tol``. The eigenvectors are then accurate only
-    to about :math:`r_i/\delta_i`.
-
     Warm start: the rows of ``init`` (for example the previous eigenvectors) start
     the block; missing rows are random. When ``init`` is already an invariant
     subspace of :math:`H` the solve stops after one block; an eigenvalue whose
@@ -245,8 +232,6 @@ def lanczos(
         generator: Source of the random start vectors (a CPU generator); a
             generator seeded with 0 by default, so results are reproducible and the
             global random stream is left alone.
-        criterion: ``"residual"`` (each residual at most ``tol · |θ_i|``) or
-            ``"gap"`` (each estimated eigenvalue error at most ``tol · |θ_i|``).
 
     Returns:
         The :class:`Eigenpairs`.
@@ -272,7 +257,6 @@ def lanczos(
     check_int("max_iter", max_iter)
     block = min(check_int("block_size", k if block_size is None else block_size), dim)
     check_int("extra", extra, low=0)
-    check_choice("criterion", criterion, ("residual", "gap"))
     if max_iter * block < k:
         raise ValueError(
             f"`max_iter` × `block_size` must be at least `k` = {k} to find {k} "
@@ -335,13 +319,7 @@ def lanczos(
         )
         floor = _SMALL_EIGENVALUE * float(ritz_values.abs().max())
         bound = tol * ritz_values[top].abs().clamp_min(floor)
-        errors = residuals
-        if criterion == "gap" and ritz_values.numel() > 1:
-            distances = (ritz_values[top, None] - ritz_values[None, :]).abs()
-            distances[torch.arange(k), top] = math.inf
-            gaps = distances.min(dim=1).values
-            errors = torch.minimum(residuals, residuals.square() / gaps)
-        converged = bool((errors <= bound).all()) or following.shape[0] == 0
+        converged = bool((residuals <= bound).all()) or following.shape[0] == 0
         if converged or iteration == max_iter:
             coords = ritz_coords[:, torch.cat([top, following_top])]
             vectors = coords.T.to(dtype=dtype, device=device) @ basis.rows
