@@ -282,6 +282,7 @@ class RMSPropCentralFlow(_RMSPropState, CentralFlow):
         extra_vectors: int = 1,
         seed: int = 0,
         max_substeps: int = 256,
+        max_critical: int = 20,
     ) -> None:
         super().__init__(
             objective,
@@ -298,6 +299,7 @@ class RMSPropCentralFlow(_RMSPropState, CentralFlow):
             extra_vectors=extra_vectors,
             seed=seed,
             max_substeps=max_substeps,
+            max_critical=max_critical,
         )
         self._init_state(alpha, eps, nu)
 
