@@ -251,8 +251,8 @@ class RMSPropCentralFlow(_RMSPropState, CentralFlow):
     Args:
         objective, point, lr, alpha, eps, nu: As for :class:`RMSPropFlow`.
         substeps, refresh_every, margin, method, substep_bound, tol, candidate_tol,
-        max_iter, extra_vectors, seed, max_substeps: As for :class:`CentralFlow`;
-            ``margin`` is relative to the threshold 2.
+        max_iter, extra_vectors, seed, max_substeps, max_critical: As for
+            :class:`CentralFlow`; ``margin`` is relative to the threshold 2.
 
     Raises:
         ValueError: For an argument outside its range.
