@@ -60,8 +60,8 @@ def check_number(
     return number
 
 
-def check_int(name: str, value: Any, *, low: int = 1) -> int:
-    """Return ``value`` if it is an integer of at least ``low``.
+def check_int(name: str, value: Any, *, low: int = 1, high: int | None = None) -> int:
+    """Return ``value`` if it is an integer of at least ``low`` (and at most ``high``).
 
     A ``bool`` is not an integer here.
 
@@ -69,22 +69,69 @@ def check_int(name: str, value: Any, *, low: int = 1) -> int:
         name: The argument's name, for the error message.
         value: The value received.
         low: The smallest value accepted.
+        high: The largest value accepted, or ``None`` for none.
 
     Returns:
         ``value`` itself.
 
     Raises:
-        ValueError: If ``value`` is not an ``int`` or is below ``low``.
+        ValueError: If ``value`` is not an ``int`` or lies outside ``[low, high]``.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(
-            f"`{name}` must be an integer of at least {low}, got {value!r}."
-        )
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or value < low or (high is not None and value > high):
+        accepted = f"of at least {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"`{name}` must be an integer {accepted}, got {value!r}.")
     return value
 
 
-def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+#: The largest seed accepted: the seeds of NumPy and scikit-learn, and small enough
+#: for the seeds derived from it (``seed * 1_000_003 + step``) to suit
+#: ``torch.Generator.manual_seed``.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(name: str, value: Any) -> int:
+    """Return ``value`` if it is an integer in ``[0, MAX_SEED]``.
+
+    Args:
+        name: The argument's name, for the error message.
+        value: The value received.
+
+    Returns:
+        ``value`` itself.
+
+    Raises:
+        ValueError: If ``value`` is not an ``int`` in ``[0, 2**32 - 1]``.
+    """
+    return check_int(name, value, low=0, high=MAX_SEED)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``.
+
+    Only Python's ``bool`` is accepted: ``0``, ``1``, strings and ``None`` are not
+    flags here.
+
+    Args:
+        name: The argument's name, for the error message.
+        value: The value received.
+
+    Returns:
+        ``value`` itself.
+
+    Raises:
+        ValueError: If ``value`` is not a ``bool``.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     """Return ``value`` if it is one of ``choices``.
+
+    A value is one of the choices if it is a choice, or equal to one and of its
+    type (so that a list or an array, say, is refused rather than compared).
 
     Args:
         name: The argument's name, for the error message.
@@ -98,6 +145,13 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
         ValueError: If ``value`` is not one of ``choices``.
     """
     choices = tuple(choices)
-    if value not in choices:
+    if not any(_same(value, choice) for choice in choices):
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
     return value
+
+
+def _same(value: Any, choice: Any) -> bool:
+    """Whether ``value`` is ``choice``, or an equal value of its type."""
+    if value is choice:
+        return True
+    return isinstance(value, type(choice)) and bool(value == choice)

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_eos._validation import check_int, check_number
+from lightning_eos._validation import check_choice, check_int, check_number, check_seed
 from lightning_eos.callbacks._probe_set import ProbeSet, draw_probe_set
 from lightning_eos.curvature.objective import ProbeObjective
 
@@ -89,16 +89,12 @@ class CurvatureCallback(Callback):
         self.chunk_size = check_int("chunk_size", chunk_size)
         if mode not in ("train", "eval"):
             raise ValueError(f"`mode` must be 'train' or 'eval', got {mode!r}.")
-        if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(
-                f"`dtype` must be 'float32', 'float64' or None, got {dtype!r}."
-            )
+        check_choice("dtype", dtype, (None, *_DTYPES))
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(
                 f"`loss_fn` must be callable, got {type(loss_fn).__name__}."
             )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        check_seed("seed", seed)
         self.loss_fn = loss_fn
         self.mode = mode
         self.dtype = dtype

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_eos._validation import check_int
+from lightning_eos._validation import check_bool, check_int
 from lightning_eos.callbacks._base import CurvatureCallback
 from lightning_eos.curvature.density import SpectralDensity, spectral_density
 from lightning_eos.curvature.hessian import HessianOperator
@@ -66,7 +66,7 @@ class SpectralDensityMonitor(CurvatureCallback):
             module's ``curvature_loss(batch)``.
         mode: ``"train"`` or ``"eval"``.
         dtype: ``"float64"`` to probe a float32 model in double precision.
-        seed: Seed of the probe set and the start vectors.
+        seed: Seed of the probe set and the start vectors, in ``[0, 2**32 - 1]``.
 
     Example:
         >>> from lightning_eos.callbacks import SpectralDensityMonitor
@@ -97,7 +97,7 @@ class SpectralDensityMonitor(CurvatureCallback):
         self.num_probes = check_int("num_probes", num_probes)
         self.num_steps = check_int("num_steps", num_steps)
         self.bins = check_int("bins", bins)
-        self.figure = bool(figure)
+        self.figure = check_bool("figure", figure)
         self.history: list[DensityRecord] = []
 
     @property

@@ -157,7 +157,8 @@ class FlowMonitor(CurvatureCallback):
         mode: ``"train"`` or ``"eval"``: the mode of every layer in the flows' loss.
         dtype: ``"float64"`` to integrate a float32 model's flows in double
             precision, ``"float32"``, or ``None`` for the parameters' own type.
-        seed: Seed of the probe set and the eigensolvers' start vectors.
+        seed: Seed of the probe set and the eigensolvers' start vectors, in
+            ``[0, 2**32 - 1]``.
 
     Raises:
         ValueError: At construction, for an argument outside its range.

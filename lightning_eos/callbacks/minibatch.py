@@ -93,7 +93,8 @@ class MinibatchSharpnessMonitor(CurvatureCallback):
             module's ``curvature_loss(batch)``.
         mode: ``"train"`` or ``"eval"``.
         dtype: ``"float64"`` to probe a float32 model in double precision.
-        seed: Seed of the probe set, the minibatches and random vectors.
+        seed: Seed of the probe set, the minibatches and random vectors, in
+            ``[0, 2**32 - 1]``.
 
     Raises:
         ValueError: At construction, for an argument out of range.

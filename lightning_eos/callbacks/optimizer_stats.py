@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_eos._validation import check_int
+from lightning_eos._validation import check_bool, check_int
 
 
 class OptimizerStatsLogger(Callback):
@@ -34,11 +34,12 @@ class OptimizerStatsLogger(Callback):
 
     Args:
         every_n_steps: Log after every this many optimizer steps, at least 1.
-        prefix: Prefix of the logged names.
+        prefix: Prefix of the logged names, a string.
         counters: Also log the cumulative counters.
 
     Raises:
-        ValueError: If ``every_n_steps`` is not a positive integer.
+        ValueError: If ``every_n_steps`` is not a positive integer, ``prefix`` is not
+            a string or ``counters`` is not a bool.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -50,8 +51,10 @@ class OptimizerStatsLogger(Callback):
         self, every_n_steps: int = 1, prefix: str = "optim", counters: bool = True
     ) -> None:
         self.every_n_steps = check_int("every_n_steps", every_n_steps)
+        if not isinstance(prefix, str):
+            raise ValueError(f"`prefix` must be a string, got {prefix!r}.")
         self.prefix = prefix
-        self.counters = counters
+        self.counters = check_bool("counters", counters)
         self.last_metrics: dict[str, float] = {}
         self._last_step = -1
 

@@ -78,7 +78,7 @@ class PreconditionedSharpnessMonitor(CurvatureCallback):
             module's ``curvature_loss(batch)``.
         mode: ``"train"`` or ``"eval"``.
         dtype: ``"float64"`` to probe a float32 model in double precision.
-        seed: Seed of the probe set and the random start vectors.
+        seed: Seed of the probe set and the random start vectors, in ``[0, 2**32 - 1]``.
 
     Raises:
         ValueError: At construction, for an argument out of range.

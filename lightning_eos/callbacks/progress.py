@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 from typing_extensions import override
 
+from lightning_eos._validation import check_bool, check_int
 from lightning_eos.callbacks._base import CurvatureCallback
 
 
@@ -24,9 +25,15 @@ class StepProgressBar(TQDMProgressBar):
     Args:
         refresh_rate: Redraw the bar every this many steps, at least 0 (0 disables it).
         leave: Keep the finished bar on screen.
+
+    Raises:
+        ValueError: If ``refresh_rate`` is not an integer of at least 0 or ``leave``
+            is not a bool.
     """
 
     def __init__(self, refresh_rate: int = 1, leave: bool = True) -> None:
+        check_int("refresh_rate", refresh_rate, low=0)
+        check_bool("leave", leave)
         super().__init__(refresh_rate=refresh_rate, leave=leave)
 
     @override

@@ -113,7 +113,8 @@ class SharpnessMonitor(CurvatureCallback):
         mode: ``"train"`` or ``"eval"``: the mode of every layer during a product.
         dtype: ``"float64"`` to probe a float32 model in double precision (on copies),
             ``"float32"``, or ``None`` for the parameters' own type.
-        seed: Seed of the probe set, the random start vectors and dropout masks.
+        seed: Seed of the probe set, the random start vectors and dropout masks, in
+            ``[0, 2**32 - 1]``.
 
     Raises:
         ValueError: At construction, for an argument outside its range.

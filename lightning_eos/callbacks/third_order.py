@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_eos._validation import check_bool, check_number
 from lightning_eos.callbacks._base import CurvatureCallback, check_eigensolver
 from lightning_eos.callbacks._shared import (
     EigenpairSource,
@@ -105,13 +106,13 @@ class ThirdOrderMonitor(CurvatureCallback):
             such a list) covering every trainable parameter; ``None``: one group per
             parameter tensor.
         block_third_order: ``"diagonal"``, ``"full"`` or ``"none"``.
-        threshold: The threshold that fixes :math:`\theta^*`; by default the
-            stability threshold of the optimizer's step.
+        threshold: The threshold that fixes :math:`\theta^*`, a finite positive
+            number; ``None``: the stability threshold of the optimizer's step.
         loss_fn: ``loss_fn(module(inputs), targets)``, or ``None`` to use the
             module's ``curvature_loss(batch)``.
         mode: ``"train"`` or ``"eval"``.
         dtype: ``"float64"`` to probe a float32 model in double precision.
-        seed: Seed of the probe set and random vectors.
+        seed: Seed of the probe set and random vectors, in ``[0, 2**32 - 1]``.
 
     Raises:
         ValueError: At construction for an argument out of range; in ``setup`` for
@@ -165,10 +166,13 @@ class ThirdOrderMonitor(CurvatureCallback):
                 "`block_third_order` must be 'none', 'diagonal' or 'full', got "
                 f"{block_third_order!r}."
             )
-        if threshold is not None and not threshold > 0:
-            raise ValueError(f"`threshold` must be positive, got {threshold!r}.")
+        if threshold is not None:
+            try:
+                threshold = check_number("threshold", threshold, low=0.0, low_open=True)
+            except ValueError as error:
+                raise ValueError(f"{error} None is accepted too.") from None
         self.k = k
-        self.tensor = bool(tensor)
+        self.tensor = check_bool("tensor", tensor)
         self.block_direction = block_direction
         self.block_groups = block_groups
         self.block_third_order = block_third_order

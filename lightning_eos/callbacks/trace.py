@@ -61,7 +61,7 @@ class HessianTraceMonitor(CurvatureCallback):
             module's ``curvature_loss(batch)``.
         mode: ``"train"`` or ``"eval"``.
         dtype: ``"float64"`` to probe a float32 model in double precision.
-        seed: Seed of the probe set and the random vectors.
+        seed: Seed of the probe set and the random vectors, in ``[0, 2**32 - 1]``.
 
     Example:
         >>> from lightning_eos.callbacks import HessianTraceMonitor

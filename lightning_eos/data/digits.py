@@ -14,7 +14,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-from lightning_eos._validation import check_int, check_number
+from lightning_eos._validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_seed,
+)
 
 __all__ = ["DigitsDataModule"]
 
@@ -84,7 +90,8 @@ class DigitsDataModule(LightningDataModule):
             must hold at least one example of each of the 10 classes.
         targets: ``"one_hot"`` for float one-hot targets or ``"labels"`` for int64
             class labels.
-        seed: Seeds the held-out split and the order of the minibatches.
+        seed: Seeds the held-out split and the order of the minibatches, in
+            ``[0, 2**32 - 1]``.
         shuffle: Whether to reshuffle the training split every epoch. Only minibatches
             are shuffled; a full batch is always served in dataset order.
         num_workers: Worker processes of each ``DataLoader``.
@@ -129,11 +136,11 @@ class DigitsDataModule(LightningDataModule):
         if batch_size is not None:
             check_int("batch_size", batch_size)
         check_number("test_fraction", test_fraction, low=0.0, high=1.0, high_open=True)
-        if targets not in _TARGETS:
-            raise ValueError(f"targets must be one of {_TARGETS}; got {targets!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer; got {seed!r}.")
+        check_choice("targets", targets, _TARGETS)
+        check_seed("seed", seed)
+        check_bool("shuffle", shuffle)
         check_int("num_workers", num_workers, low=0)
+        check_bool("flatten", flatten)
 
         self.save_hyperparameters()
         self.batch_size = batch_size

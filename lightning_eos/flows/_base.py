@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_eos._validation import check_choice, check_int, check_number
+from lightning_eos._validation import check_choice, check_int, check_number, check_seed
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.lanczos import Eigenpairs, lanczos
 from lightning_eos.curvature.objective import ProbeObjective
@@ -133,6 +133,7 @@ class _Flow:
         self.tol = check_number("tol", tol, low=0.0, high=0.5, low_open=True)
         self.max_iter = check_int("max_iter", max_iter)
         self.extra_vectors = check_int("extra_vectors", extra_vectors, low=0)
+        self.seed = check_seed("seed", seed)
         if point.dim() != 1 or point.numel() != objective.dim:
             raise ValueError(
                 f"`point` must be a flat vector of {objective.dim} entries, got shape "
@@ -143,7 +144,6 @@ class _Flow:
             point.detach().to(device=objective.device, dtype=objective.dtype).clone()
         )
         self.time = 0.0
-        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.vectors: Tensor | None = None  # warm start of the eigensolver
         self.failed: str | None = None  # why the flow stopped, if it did

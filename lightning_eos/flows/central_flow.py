@@ -124,7 +124,7 @@ class CentralFlow(_Flow):
             is an error of order :math:`\epsilon` in Σ. In ``(0, 0.5]``.
         max_iter: Most Lanczos steps per eigensolve.
         extra_vectors: Ritz vectors kept beyond the tracked ones for warm starts.
-        seed: Seed of the eigensolver's random start vectors.
+        seed: Seed of the eigensolver's random start vectors, in ``[0, 2**32 - 1]``.
         max_substeps: Most substeps per unit of time away from the threshold (see
             :class:`GradientFlow`).
         max_critical: Most candidate directions. The complementarity problem

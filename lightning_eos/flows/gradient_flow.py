@@ -46,7 +46,7 @@ class GradientFlow(_Flow):
             MLP at the default), and it only sets the substeps.
         max_iter: Most Lanczos steps per eigensolve.
         extra_vectors: Ritz vectors kept beyond the tracked ones for warm starts.
-        seed: Seed of the eigensolver's random start vectors.
+        seed: Seed of the eigensolver's random start vectors, in ``[0, 2**32 - 1]``.
         max_substeps: Most substeps per unit of time; a flow that needs more (its
             sharpness has grown beyond ``max_substeps · substep_bound / η``) stops,
             and :attr:`failed` says why.

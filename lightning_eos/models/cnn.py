@@ -6,7 +6,7 @@ from itertools import pairwise
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_eos._validation import check_int
+from lightning_eos._validation import check_bool, check_int
 from lightning_eos.models._classifier import (
     Activation,
     Loss,
@@ -73,6 +73,7 @@ class SmallCNN(_Classifier):
         super().__init__(output_dim, activation, loss)
         check_int("in_channels", in_channels)
         check_widths("channels", channels, allow_empty=False)
+        check_bool("batch_norm", batch_norm)
         self.save_hyperparameters()
 
         widths = [in_channels, *channels]

@@ -6,7 +6,7 @@ from itertools import pairwise
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_eos._validation import check_int
+from lightning_eos._validation import check_bool, check_int
 from lightning_eos.models._classifier import (
     Activation,
     Loss,
@@ -98,6 +98,7 @@ class MLP(_Classifier):
         super().__init__(output_dim, activation, loss)
         check_int("input_dim", input_dim)
         check_widths("hidden_dims", hidden_dims, allow_empty=True)
+        check_bool("bias", bias)
         self.save_hyperparameters()
 
         widths = [input_dim, *hidden_dims]

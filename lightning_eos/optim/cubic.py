@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_eos._validation import check_choice, check_int, check_number
+from lightning_eos._validation import check_choice, check_int, check_number, check_seed
 from lightning_eos.optim._base import (
     ClosureOptimizer,
     Derivatives,
@@ -84,7 +84,7 @@ class CubicNewton(ClosureOptimizer):
             descent, at least 0.
         hessian_products: ``"exact"`` or ``"finite_difference"``.
         fd_step: Relative step of finite differences.
-        seed: Seed of the random vectors of the solvers.
+        seed: Seed of the random vectors of the solvers, in ``[0, 2**32 - 1]``.
 
     Raises:
         ValueError: For an argument outside its range, named in the message.
@@ -158,12 +158,10 @@ class CubicNewton(ClosureOptimizer):
             "hessian_products": hessian_products,
             "fd_step": fd_step,
         }
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        self.seed = check_seed("seed", seed)
         super().__init__(params, defaults)
         shared_settings(self.param_groups, type(self).__name__)
         check_dtypes(self._parameters(), type(self).__name__)
-        self.seed = seed
 
     @property
     def sigma(self) -> float:

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
-from lightning_eos._validation import check_choice, check_int, check_number
+from lightning_eos._validation import check_bool, check_choice, check_int, check_number
 from lightning_eos.curvature.blocks import reduced_derivatives
 from lightning_eos.optim._base import (
     ClosureOptimizer,
@@ -121,7 +121,7 @@ class GroupedNewton(ClosureOptimizer):
             "grouping", grouping, ("tensor", "param_group", "single")
         )
         self.max_solver_iter = check_int("max_solver_iter", max_solver_iter)
-        self.adaptive = bool(adaptive)
+        self.adaptive = check_bool("adaptive", adaptive)
         super().__init__(params, defaults)
         shared_settings(self.param_groups, type(self).__name__)
         check_dtypes(self._parameters(), type(self).__name__)

@@ -43,7 +43,7 @@ class GSAM(SAM):
         adaptive: Use ASAM's perturbation.
         eta: ASAM's :math:`\eta_{\mathrm{A}}`, at least 0.
         perturb: Which tensors are perturbed (see :class:`SAM`).
-        lr: The learning rate, for a base optimizer given as a class.
+        lr: The learning rate, positive, for a base optimizer given as a class.
         base_kwargs: Further arguments of a base optimizer given as a class.
 
     Raises:

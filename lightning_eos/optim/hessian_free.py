@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_eos._validation import check_choice, check_int, check_number
+from lightning_eos._validation import check_bool, check_choice, check_int, check_number
 from lightning_eos.optim._base import (
     ClosureOptimizer,
     Derivatives,
@@ -124,7 +124,7 @@ class HessianFree(ClosureOptimizer):
             "lr": check_number("lr", lr, low=0.0, low_open=True),
             "damping": check_number("damping", damping, low=0.0),
             "curvature": curvature,
-            "adapt_damping": bool(adapt_damping),
+            "adapt_damping": check_bool("adapt_damping", adapt_damping),
             "damping_increase": check_number(
                 "damping_increase", damping_increase, low=1.0
             ),

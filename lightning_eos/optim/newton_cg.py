@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_eos._validation import check_int, check_number
+from lightning_eos._validation import check_int, check_number, check_seed
 from lightning_eos.optim._base import (
     ClosureOptimizer,
     Derivatives,
@@ -92,8 +92,8 @@ class NewtonCG(ClosureOptimizer):
         max_eigen_iter: Most Lanczos steps of the check.
         hessian_products: ``"exact"`` or ``"finite_difference"``.
         fd_step: Relative step δ of finite differences.
-        seed: Seed of the Lanczos start vectors (the global random stream is not
-            used).
+        seed: Seed of the Lanczos start vectors, in ``[0, 2**32 - 1]`` (the global
+            random stream is not used).
 
     Raises:
         ValueError: For an argument outside its range, named in the message.
@@ -154,12 +154,10 @@ class NewtonCG(ClosureOptimizer):
             "hessian_products": hessian_products,
             "fd_step": fd_step,
         }
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        self.seed = check_seed("seed", seed)
         super().__init__(params, defaults)
         shared_settings(self.param_groups, type(self).__name__)
         check_dtypes(self._parameters(), type(self).__name__)
-        self.seed = seed
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:  # type: ignore[override]

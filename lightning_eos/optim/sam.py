@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import LBFGS, Optimizer
 
-from lightning_eos._validation import check_choice, check_number
+from lightning_eos._validation import check_bool, check_choice, check_number
 from lightning_eos.curvature.thresholds import StabilityThreshold, stability_threshold
 from lightning_eos.optim._base import ClosureOptimizer
 
@@ -85,14 +85,17 @@ class SAM(ClosureOptimizer):
         perturb: Which tensors are perturbed: ``"all"``, ``"weights"`` (tensors of
             two or more dimensions: biases and normalization parameters are left
             alone) or ``"none"``.
-        lr: The learning rate, passed to a base optimizer given as a class.
+        lr: The learning rate of a base optimizer given as a class, positive.
+            Without it the ``lr`` of ``base_kwargs`` or the base optimizer's own
+            default applies; a parameter group's own ``lr`` overrides either.
         base_kwargs: Further arguments of a base optimizer given as a class (for
             example ``{"momentum": 0.9, "weight_decay": 5e-4}``).
 
     Raises:
-        ValueError: If ``rho`` or ``eta`` is negative, ``perturb`` is unknown, the
-            base optimizer is not an optimizer that steps without a closure, or the
-            learning rate is given twice.
+        ValueError: If ``rho`` or ``eta`` is negative, ``lr`` is not positive,
+            ``adaptive`` is not a bool, ``perturb`` is unknown, the base optimizer is
+            not an optimizer that steps without a closure, or the learning rate is
+            given twice.
 
     Example:
         >>> import torch
@@ -131,16 +134,17 @@ class SAM(ClosureOptimizer):
     ) -> None:
         defaults = {
             "rho": check_number("rho", rho, low=0.0),
-            "adaptive": bool(adaptive),
+            "adaptive": check_bool("adaptive", adaptive),
             "eta": check_number("eta", eta, low=0.0),
             "perturb": check_choice("perturb", perturb, _PERTURB),
         }
         if lr is not None:
-            check_number("lr", lr, low=0.0)
+            check_number("lr", lr, low=0.0, low_open=True)
         super().__init__(params, defaults)
         for group in self.param_groups:
             check_number("rho", group["rho"], low=0.0)
             check_number("eta", group["eta"], low=0.0)
+            check_bool("adaptive", group["adaptive"])
             check_choice("perturb", group["perturb"], _PERTURB)
         self.base_optimizer = _build_base(
             base_optimizer, self.param_groups, lr, base_kwargs

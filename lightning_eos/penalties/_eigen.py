@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_eos._validation import check_int, check_number
+from lightning_eos._validation import check_int, check_number, check_seed
 from lightning_eos.curvature.lanczos import Eigenpairs, SymmetricOperator, lanczos
 
 
@@ -27,7 +27,7 @@ class WarmTopEigenpair:
         self.tol = check_number("tol", tol, low=0.0, high=1.0, low_open=True)
         self.max_iter = check_int("max_iter", max_iter)
         self.extra_vectors = check_int("extra_vectors", extra_vectors, low=0)
-        self.seed = check_int("seed", seed, low=0)
+        self.seed = check_seed("seed", seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.vectors: Tensor | None = None
 

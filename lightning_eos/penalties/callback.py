@@ -131,7 +131,8 @@ class PenaltyCallback(CurvatureCallback):
         mode: ``"train"`` or ``"eval"``: the mode of every layer in the penalty.
         dtype: ``"float64"`` to evaluate a float32 model's penalty in double
             precision (on copies), ``"float32"``, or ``None`` for the parameters' type.
-        seed: Seed of the probe set and of dropout masks in the penalty.
+        seed: Seed of the probe set and of dropout masks in the penalty, in
+            ``[0, 2**32 - 1]``.
         log_every_n_steps: Log every this many optimizer steps, at least 1.
 
     Raises:

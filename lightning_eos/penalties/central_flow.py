@@ -81,7 +81,7 @@ class CentralFlowPenalty(Penalty):
         max_iter: Most Lanczos steps per evaluation, at least 1.
         extra_vectors: Ritz vectors kept beyond the top one for the warm start,
             at least 0.
-        seed: Seed of the random start vectors.
+        seed: Seed of the random start vectors, in ``[0, 2**32 - 1]``.
 
     References:
         Cohen, Damian, Talwalkar, Kolter, Lee (2025). Understanding optimization in

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_eos._validation import check_int
+from lightning_eos._validation import check_bool, check_int, check_seed
 from lightning_eos.curvature._batches import (
     batch_size,
     concat_batches,
@@ -154,7 +154,7 @@ class MinibatchGradientNormPenalty(Penalty):
         batch_size: Examples per minibatch, at least 1.
         coefficient: :math:`c`, a finite number at least 0, or ``"lr"``.
         shuffle: Draw a new random partition at every evaluation.
-        seed: Seed of the generator of the partitions.
+        seed: Seed of the generator of the partitions, in ``[0, 2**32 - 1]``.
 
     References:
         Smith, Dherin, Barrett, De (2021). On the origin of implicit regularization
@@ -172,10 +172,8 @@ class MinibatchGradientNormPenalty(Penalty):
     ) -> None:
         self.batch_size = check_int("batch_size", batch_size)
         self.coefficient = check_coefficient("coefficient", coefficient, True)
-        if not isinstance(shuffle, bool):
-            raise ValueError(f"`shuffle` must be a bool, got {shuffle!r}.")
-        self.shuffle = shuffle
-        self.seed = check_int("seed", seed, low=0)
+        self.shuffle = check_bool("shuffle", shuffle)
+        self.seed = check_seed("seed", seed)
         self.generator = torch.Generator().manual_seed(seed)
 
     @property

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_eos._validation import check_choice, check_int
+from lightning_eos._validation import check_choice, check_int, check_seed
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.objective import ProbeObjective
 from lightning_eos.penalties._base import (
@@ -58,7 +58,7 @@ class TracePenalty(Penalty):
         coefficient: :math:`\mu`, a finite number at least 0.
         num_samples: :math:`s`, random vectors per evaluation, at least 1.
         distribution: ``"rademacher"`` or ``"gaussian"``.
-        seed: Seed of the generator of the vectors, at least 0.
+        seed: Seed of the generator of the vectors, in ``[0, 2**32 - 1]``.
 
     References:
         Hutchinson (1989). A stochastic estimator of the trace of the influence
@@ -80,7 +80,7 @@ class TracePenalty(Penalty):
         self.coefficient = check_coefficient("coefficient", coefficient, False)
         self.num_samples = check_int("num_samples", num_samples)
         self.distribution = check_choice("distribution", distribution, _DISTRIBUTIONS)
-        self.seed = check_int("seed", seed, low=0)
+        self.seed = check_seed("seed", seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.last_vectors: torch.Tensor | None = None
 

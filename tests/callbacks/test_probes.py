@@ -15,13 +15,16 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_eos.callbacks import (
+    FlowMonitor,
     HessianTraceMonitor,
     MinibatchSharpnessMonitor,
     PreconditionedSharpnessMonitor,
     SharpnessMonitor,
     SpectralDensityMonitor,
+    StepProgressBar,
     ThirdOrderMonitor,
 )
+from lightning_eos.penalties import GradientNormPenalty, PenaltyCallback
 
 from .modules import Regressor, half_squared_error, loader, regression_data, trainer
 from .test_sharpness import Snapshot, equal_states
@@ -215,12 +218,94 @@ def test_runs_a_probe_cannot_measure_are_refused(
         (lambda: MinibatchSharpnessMonitor(batch_size=0), "`batch_size` must be"),
         (lambda: MinibatchSharpnessMonitor(num_batches=0), "`num_batches` must be"),
         (lambda: PreconditionedSharpnessMonitor(k=0), "`k` must be an integer"),
+        (
+            lambda: SpectralDensityMonitor(figure="abc"),
+            "`figure` must be True or False, got 'abc'",
+        ),
+        (
+            lambda: SpectralDensityMonitor(figure=None),
+            "`figure` must be True or False, got None",
+        ),
+        (
+            lambda: StepProgressBar(refresh_rate="abc"),
+            "`refresh_rate` must be an integer of at least 0, got 'abc'",
+        ),
+        (
+            lambda: StepProgressBar(refresh_rate=-1),
+            "`refresh_rate` must be an integer of at least 0, got -1",
+        ),
+        (
+            lambda: StepProgressBar(refresh_rate=1.5),
+            "`refresh_rate` must be an integer of at least 0, got 1.5",
+        ),
+        (
+            lambda: StepProgressBar(leave=[1]),
+            r"`leave` must be True or False, got \[1\]",
+        ),
+        (
+            lambda: StepProgressBar(leave=None),
+            "`leave` must be True or False, got None",
+        ),
     ],
-    ids=["trace-method", "trace-products", "bins", "batch-size", "batches", "k"],
+    ids=[
+        "trace-method",
+        "trace-products",
+        "bins",
+        "batch-size",
+        "batches",
+        "k",
+        "density-figure-str",
+        "density-figure-none",
+        "bar-refresh-rate-str",
+        "bar-refresh-rate-negative",
+        "bar-refresh-rate-float",
+        "bar-leave-list",
+        "bar-leave-none",
+    ],
 )
 def test_bad_arguments_are_refused_at_construction(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_hidden_progress_bar_is_accepted():
+    assert StepProgressBar(refresh_rate=0, leave=False).is_disabled
+
+
+CALLBACKS = {
+    "sharpness": SharpnessMonitor,
+    "third-order": ThirdOrderMonitor,
+    "trace": HessianTraceMonitor,
+    "density": SpectralDensityMonitor,
+    "minibatch": MinibatchSharpnessMonitor,
+    "preconditioned": PreconditionedSharpnessMonitor,
+    "flows": FlowMonitor,
+    "penalty": lambda **options: PenaltyCallback(GradientNormPenalty(), **options),
+}
+SHARED_ARGUMENTS = {
+    "seed-negative": (
+        {"seed": -1},
+        r"`seed` must be an integer in \[0, 4294967295\], got -1",
+    ),
+    "seed-nan": ({"seed": math.nan}, "`seed` must be an integer in .*, got nan"),
+    "seed-str": ({"seed": "abc"}, "`seed` must be an integer in .*, got 'abc'"),
+    "seed-none": ({"seed": None}, "`seed` must be an integer in .*, got None"),
+    "seed-huge": ({"seed": 2**64}, "`seed` must be an integer in .*, got 1844"),
+    "dtype-list": (
+        {"dtype": [1]},
+        r"`dtype` must be one of \(None, 'float32', 'float64'\), got \[1\]",
+    ),
+    "dtype-float16": ({"dtype": "float16"}, "`dtype` must be one of .*'float16'"),
+}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"), SHARED_ARGUMENTS.values(), ids=SHARED_ARGUMENTS
+)
+@pytest.mark.parametrize("make", CALLBACKS.values(), ids=CALLBACKS)
+def test_every_callback_checks_its_seed_and_dtype(make, options, message):
+    with pytest.raises(ValueError, match=message):
+        make(**options)
 
 
 def test_tensorboard_shows_the_probes(tmp_path):

@@ -328,9 +328,26 @@ def test_unconverged_measurement_warns(tmp_path):
         ({"max_iter": 0}, "`max_iter` must be an integer of at least 1, got 0"),
         ({"extra_vectors": -1}, "`extra_vectors` must be an integer of at least 0"),
         ({"mode": "test"}, "`mode` must be 'train' or 'eval', got 'test'"),
-        ({"dtype": "float16"}, "`dtype` must be 'float32', 'float64' or None"),
+        (
+            {"dtype": "float16"},
+            r"`dtype` must be one of \(None, 'float32', 'float64'\), got 'float16'",
+        ),
+        ({"dtype": [1]}, r"`dtype` must be one of .*, got \[1\]"),
+        ({"dtype": torch.float64}, "`dtype` must be one of .*, got torch.float64"),
         ({"loss_fn": 3}, "`loss_fn` must be callable, got int"),
-        ({"seed": 1.5}, "`seed` must be an integer, got 1.5"),
+        ({"seed": 1.5}, r"`seed` must be an integer in \[0, 4294967295\], got 1.5"),
+        ({"seed": -1}, r"`seed` must be an integer in \[0, 4294967295\], got -1"),
+        (
+            {"seed": math.nan},
+            r"`seed` must be an integer in \[0, 4294967295\], got nan",
+        ),
+        ({"seed": "abc"}, r"`seed` must be an integer in \[0, 4294967295\], got 'abc'"),
+        ({"seed": None}, r"`seed` must be an integer in \[0, 4294967295\], got None"),
+        ({"seed": True}, r"`seed` must be an integer in \[0, 4294967295\], got True"),
+        (
+            {"seed": 2**32},
+            r"`seed` must be an integer in \[0, 4294967295\], got 4294967296",
+        ),
     ],
     ids=lambda value: str(value) if isinstance(value, dict) else "",
 )

@@ -176,21 +176,53 @@ def test_reference_point_waits_for_the_threshold(tmp_path):
     assert all(not math.isnan(r.grad_sharpness_norm) for r in high.history)
 
 
+THRESHOLD = r"must be a finite number in \(0, inf\)"
+OR_NONE = r"\. None is accepted too\."
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"k": 0}, "`k` must be an integer of at least 1, got 0"),
         ({"block_direction": "random"}, "`block_direction` must be 'update'"),
         ({"block_third_order": "cubic"}, "`block_third_order` must be"),
-        ({"threshold": -1.0}, "`threshold` must be positive"),
+        ({"threshold": -1.0}, f"`threshold` {THRESHOLD}, got -1.0{OR_NONE}"),
+        ({"threshold": 0}, f"`threshold` {THRESHOLD}, got 0{OR_NONE}"),
+        ({"threshold": math.inf}, f"`threshold` {THRESHOLD}, got inf{OR_NONE}"),
+        ({"threshold": math.nan}, f"`threshold` {THRESHOLD}, got nan{OR_NONE}"),
+        ({"threshold": True}, f"`threshold` {THRESHOLD}, got True{OR_NONE}"),
+        ({"threshold": "abc"}, f"`threshold` {THRESHOLD}, got 'abc'{OR_NONE}"),
+        ({"tensor": "abc"}, "`tensor` must be True or False, got 'abc'"),
+        ({"tensor": None}, "`tensor` must be True or False, got None"),
+        ({"tensor": [1]}, r"`tensor` must be True or False, got \[1\]"),
         ({"eigenpairs": "borrow"}, "`eigenpairs` must be 'auto' or 'own'"),
         ({"tol": 2.0}, r"`tol` must be a finite number in \(0, 1\), got 2.0"),
     ],
-    ids=["k", "direction", "third", "threshold", "eigenpairs", "tol"],
+    ids=[
+        "k",
+        "direction",
+        "third",
+        "threshold-negative",
+        "threshold-zero",
+        "threshold-inf",
+        "threshold-nan",
+        "threshold-bool",
+        "threshold-str",
+        "tensor-str",
+        "tensor-none",
+        "tensor-list",
+        "eigenpairs",
+        "tol",
+    ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ThirdOrderMonitor(**kwargs)
+
+
+def test_a_fixed_threshold_is_kept_as_a_float():
+    assert ThirdOrderMonitor(threshold=4).fixed_threshold == 4.0
+    assert ThirdOrderMonitor(threshold=None).fixed_threshold is None
 
 
 @pytest.mark.parametrize(

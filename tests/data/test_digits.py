@@ -157,14 +157,22 @@ def test_class_attributes():
     assert DigitsDataModule.input_dim == 64
 
 
+SEED = r"must be an integer in \[0, 4294967295\]"
 BAD_ARGUMENTS = {
     "batch_size-zero": ({"batch_size": 0}, r"`batch_size` must be .*got 0"),
     "batch_size-float": ({"batch_size": 2.5}, r"`batch_size` must be .*got 2\.5"),
     "batch_size-bool": ({"batch_size": True}, r"`batch_size` must be .*got True"),
     "test_fraction-negative": ({"test_fraction": -0.1}, r"`test_fraction` .*got -0\.1"),
     "test_fraction-one": ({"test_fraction": 1.0}, r"`test_fraction` .*\[0, 1\).*1\.0"),
-    "targets-unknown": ({"targets": "onehot"}, r"targets must be one of .*'onehot'"),
-    "seed-float": ({"seed": 0.5}, r"seed must be an integer; got 0\.5"),
+    "targets-unknown": ({"targets": "onehot"}, r"`targets` must be one of .*'onehot'"),
+    "targets-list": ({"targets": ["labels"]}, r"`targets` .*got \['labels'\]"),
+    "seed-float": ({"seed": 0.5}, rf"`seed` {SEED}, got 0\.5"),
+    "seed-negative": ({"seed": -1}, rf"`seed` {SEED}, got -1"),
+    "seed-too-large": ({"seed": 2**32}, rf"`seed` {SEED}, got 4294967296"),
+    "seed-none": ({"seed": None}, rf"`seed` {SEED}, got None"),
+    "shuffle-str": ({"shuffle": "yes"}, r"`shuffle` must be True or False, got 'yes'"),
+    "shuffle-int": ({"shuffle": 1}, r"`shuffle` must be True or False, got 1"),
+    "flatten-none": ({"flatten": None}, r"`flatten` must be True or False, got None"),
     "num_workers-negative": ({"num_workers": -1}, r"`num_workers` must be .*got -1"),
 }
 
@@ -173,6 +181,13 @@ BAD_ARGUMENTS = {
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DigitsDataModule(**kwargs)
+
+
+def test_the_largest_seed_is_accepted_by_the_split():
+    datamodule = DigitsDataModule(batch_size=64, test_fraction=0.2, seed=2**32 - 1)
+    datamodule.setup("fit")
+    inputs, _ = next(iter(datamodule.train_dataloader()))
+    assert inputs.shape == (64, 64)
 
 
 BAD_SETUPS = {

@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from lightning_eos.curvature import ProbeObjective
-from lightning_eos.flows import CentralFlow, GradientFlow
+from lightning_eos.flows import (
+    CentralFlow,
+    GradientFlow,
+    RMSPropCentralFlow,
+    RMSPropFlow,
+)
 
 DATA = [torch.zeros(1, 1, dtype=torch.float64)]  # the losses below ignore the batch
 
@@ -239,6 +244,35 @@ def test_bad_settings_are_refused(options, match):
     options = {"lr": ETA, **options}
     with pytest.raises(ValueError, match=match):
         CentralFlow(objective(model, toy_loss), torch.tensor([0.3, 4.9]), **options)
+
+
+FLOWS = {
+    "gradient": GradientFlow,
+    "central": CentralFlow,
+    "rmsprop": RMSPropFlow,
+    "rmsprop-central": RMSPropCentralFlow,
+}
+SEEDS = {
+    "negative": (-1, "got -1"),
+    "nan": (math.nan, "got nan"),
+    "str": ("abc", "got 'abc'"),
+    "none": (None, "got None"),
+    "float": (1.0, "got 1.0"),
+    "bool": (True, "got True"),
+    "huge": (2**64, "got 18446744073709551616"),
+}
+
+
+@pytest.mark.parametrize(("seed", "received"), SEEDS.values(), ids=SEEDS)
+@pytest.mark.parametrize("flow_class", FLOWS.values(), ids=FLOWS)
+def test_bad_seeds_are_refused(flow_class, seed, received):
+    model = Toy(0.3, 4.9)
+    with pytest.raises(
+        ValueError, match=rf"`seed` must be an integer in \[0, 4294967295\], {received}"
+    ):
+        flow_class(
+            objective(model, toy_loss), torch.tensor([0.3, 4.9]), lr=ETA, seed=seed
+        )
 
 
 def test_bad_advance_is_refused():

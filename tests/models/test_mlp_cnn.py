@@ -253,6 +253,18 @@ BAD_ARGUMENTS = {
     "cnn-in_channels": (SmallCNN, {"in_channels": 0}, r"`in_channels` .*got 0"),
     "cnn-channels-empty": (SmallCNN, {"channels": ()}, r"channels must be a non-empty"),
     "cnn-loss": (SmallCNN, {"loss": "hinge"}, r"loss must be one of .*'hinge'"),
+    "mlp-bias-str": (MLP, {"bias": "abc"}, r"`bias` must be True or False, got 'abc'"),
+    "mlp-bias-none": (MLP, {"bias": None}, r"`bias` must be True or False, got None"),
+    "cnn-batch_norm-int": (
+        SmallCNN,
+        {"batch_norm": 1},
+        r"`batch_norm` must be True or False, got 1",
+    ),
+    "cnn-batch_norm-list": (
+        SmallCNN,
+        {"batch_norm": [1]},
+        r"`batch_norm` must be True or False, got \[1\]",
+    ),
 }
 
 

@@ -14,6 +14,9 @@ from lightning_eos.optim import (
     NewtonCG,
 )
 
+FLAG = "`{}` must be True or False, got {}"
+POSITIVE = r"must be a finite number in \(0, inf\)"
+SEED = r"must be an integer in \[0, 4294967295\]"
 BAD = {
     "sam-negative-rho": (SAM, {"rho": -0.1}, "`rho`"),
     "sam-nan-rho": (SAM, {"rho": float("nan")}, "`rho`"),
@@ -72,6 +75,41 @@ BAD = {
         "`regularization`",
     ),
     "grouped-grouping": (GroupedNewton, {"grouping": "layer"}, "`grouping`"),
+    "sam-adaptive-str": (SAM, {"adaptive": "abc"}, FLAG.format("adaptive", "'abc'")),
+    "sam-adaptive-none": (SAM, {"adaptive": None}, FLAG.format("adaptive", "None")),
+    "sam-adaptive-list": (SAM, {"adaptive": [1]}, FLAG.format("adaptive", r"\[1\]")),
+    "sam-adaptive-int": (SAM, {"adaptive": 1}, FLAG.format("adaptive", "1")),
+    "sam-zero-lr": (SAM, {"lr": 0}, rf"`lr` {POSITIVE}, got 0\."),
+    "sam-negative-lr": (SAM, {"lr": -0.1}, rf"`lr` {POSITIVE}, got -0.1"),
+    "sam-nan-lr": (SAM, {"lr": float("nan")}, rf"`lr` {POSITIVE}, got nan"),
+    "gsam-adaptive-str": (GSAM, {"adaptive": "abc"}, FLAG.format("adaptive", "'abc'")),
+    "gsam-zero-lr": (GSAM, {"lr": 0.0}, rf"`lr` {POSITIVE}, got 0.0"),
+    "grouped-adaptive-str": (
+        GroupedNewton,
+        {"adaptive": "abc"},
+        FLAG.format("adaptive", "'abc'"),
+    ),
+    "grouped-adaptive-none": (
+        GroupedNewton,
+        {"adaptive": None},
+        FLAG.format("adaptive", "None"),
+    ),
+    "hf-adapt-damping-str": (
+        HessianFree,
+        {"adapt_damping": "abc"},
+        FLAG.format("adapt_damping", "'abc'"),
+    ),
+    "hf-adapt-damping-list": (
+        HessianFree,
+        {"adapt_damping": [1]},
+        FLAG.format("adapt_damping", r"\[1\]"),
+    ),
+    "newton-negative-seed": (NewtonCG, {"seed": -1}, f"`seed` {SEED}, got -1"),
+    "newton-nan-seed": (NewtonCG, {"seed": float("nan")}, f"`seed` {SEED}, got nan"),
+    "cubic-negative-seed": (CubicNewton, {"seed": -1}, f"`seed` {SEED}, got -1"),
+    "cubic-str-seed": (CubicNewton, {"seed": "abc"}, f"`seed` {SEED}, got 'abc'"),
+    "cubic-none-seed": (CubicNewton, {"seed": None}, f"`seed` {SEED}, got None"),
+    "cubic-huge-seed": (CubicNewton, {"seed": 2**64}, f"`seed` {SEED}, got 1844"),
 }
 
 
@@ -99,6 +137,43 @@ def test_parameters_of_mixed_types_are_refused():
         CubicNewton([a, b])
 
 
-def test_stats_logger_arguments():
-    with pytest.raises(ValueError, match="`every_n_steps`"):
-        OptimizerStatsLogger(every_n_steps=0)
+def test_sam_groups_are_checked_too():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=FLAG.format("adaptive", "'yes'")):
+        SAM([{"params": [a]}, {"params": [b], "adaptive": "yes"}], lr=0.1)
+
+
+LR_ELSEWHERE = {
+    "base-kwargs": ({"base_kwargs": {"lr": 0.2}}, 0.2),
+    "base-kwargs-zero": ({"base_kwargs": {"lr": 0.0}}, 0.0),
+    "callable": ({"base_optimizer": lambda p: torch.optim.SGD(p, lr=0.2)}, 0.2),
+    "callable-zero": ({"base_optimizer": lambda p: torch.optim.SGD(p, lr=0.0)}, 0.0),
+}
+
+
+@pytest.mark.parametrize(("options", "lr"), LR_ELSEWHERE.values(), ids=LR_ELSEWHERE)
+@pytest.mark.parametrize("optimizer_class", [SAM, GSAM], ids=["sam", "gsam"])
+def test_a_learning_rate_of_the_base_optimizer_is_left_to_it(
+    optimizer_class, options, lr
+):
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = optimizer_class(params, **options)
+    assert optimizer.param_groups[0]["lr"] == lr
+    assert optimizer.base_optimizer.param_groups[0]["lr"] == lr
+
+
+STATS_LOGGER = {
+    "every_n_steps-zero": ({"every_n_steps": 0}, "`every_n_steps`"),
+    "prefix-none": ({"prefix": None}, "`prefix` must be a string, got None"),
+    "prefix-int": ({"prefix": -1}, "`prefix` must be a string, got -1"),
+    "counters-str": ({"counters": "abc"}, FLAG.format("counters", "'abc'")),
+    "counters-none": ({"counters": None}, FLAG.format("counters", "None")),
+}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"), STATS_LOGGER.values(), ids=STATS_LOGGER
+)
+def test_stats_logger_arguments(options, message):
+    with pytest.raises(ValueError, match=message):
+        OptimizerStatsLogger(**options)

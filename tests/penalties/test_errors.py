@@ -28,6 +28,7 @@ NUMBER = r"must be a finite number in \[0, inf\)"
 POSITIVE = r"must be a finite number in \(0, inf\)"
 FRACTION = r"must be a finite number in \(0, 1\]"
 INTEGER = "must be an integer of at least"
+SEED = r"must be an integer in \[0, 4294967295\]"
 OR_LR = r"\. 'lr' is accepted too"
 CONSTRUCTION = [
     (lambda: GradientNormPenalty(-0.1), f"`coefficient` {NUMBER}, got -0.1{OR_LR}"),
@@ -38,8 +39,15 @@ CONSTRUCTION = [
     (lambda: MinibatchGradientNormPenalty(0), f"`batch_size` {INTEGER} 1, got 0"),
     (
         lambda: MinibatchGradientNormPenalty(8, shuffle="yes"),
-        "`shuffle` must be a bool, got 'yes'",
+        "`shuffle` must be True or False, got 'yes'",
     ),
+    (
+        lambda: MinibatchGradientNormPenalty(8, shuffle=None),
+        "`shuffle` must be True or False, got None",
+    ),
+    (lambda: MinibatchGradientNormPenalty(8, seed=-1), f"`seed` {SEED}, got -1"),
+    (lambda: SharpnessPenalty(1.0, seed="abc"), f"`seed` {SEED}, got 'abc'"),
+    (lambda: CentralFlowPenalty(0.2, seed=None), f"`seed` {SEED}, got None"),
     (lambda: SharpnessPenalty("lr"), f"`coefficient` {NUMBER}, got 'lr'"),
     (lambda: SharpnessPenalty(-1.0), f"`coefficient` {NUMBER}, got -1.0"),
     (lambda: SharpnessPenalty(1.0, tol=0), f"`tol` {FRACTION}, got 0"),
@@ -53,7 +61,7 @@ CONSTRUCTION = [
         lambda: TracePenalty(1.0, distribution="uniform"),
         r"`distribution` must be one of \('rademacher', 'gaussian'\), got 'uniform'",
     ),
-    (lambda: TracePenalty(1.0, seed=-2), f"`seed` {INTEGER} 0, got -2"),
+    (lambda: TracePenalty(1.0, seed=-2), f"`seed` {SEED}, got -2"),
     (lambda: CentralFlowPenalty(0.0), f"`target_lr` {POSITIVE}, got 0.0"),
     (lambda: CentralFlowPenalty(-0.2), f"`target_lr` {POSITIVE}, got -0.2"),
     (lambda: CentralFlowPenalty(0.2, rate=0), f"`rate` {FRACTION}, got 0"),
@@ -77,6 +85,14 @@ CONSTRUCTION = [
     (
         lambda: PenaltyCallback(GradientNormPenalty(), mode="test"),
         "`mode` must be 'train' or 'eval', got 'test'",
+    ),
+    (
+        lambda: PenaltyCallback(GradientNormPenalty(), seed=-1),
+        f"`seed` {SEED}, got -1",
+    ),
+    (
+        lambda: PenaltyCallback(GradientNormPenalty(), dtype=[1]),
+        r"`dtype` must be one of \(None, 'float32', 'float64'\), got \[1\]",
     ),
 ]
 
