@@ -178,7 +178,7 @@ def figure(results: dict[str, dict[str, Any]]) -> None:
             )
     left.set_xlabel("wall-clock time (s)")
     left.set_ylabel("training loss at the step's start")
-    left.set_title("Loss against time (busy 2-core CPU)")
+    left.set_title("Loss against time (quiet 2-core CPU)")
     left.legend(fontsize=7, ncol=2)
     right.axhline(
         10.0, color="black", linestyle="--", linewidth=1, label="2/η = 10 (sgd)"
