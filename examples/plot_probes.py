@@ -99,7 +99,16 @@ def main() -> None:
         "--window", type=int, default=400, help="steps after θ* in the (x, y) panel"
     )
     args = parser.parse_args()
-    plot(read(args.run), args.output, args.window)
+    series = read(args.run)
+    needed = ("sharpness/lambda_1", "third_order/grad_sharpness_norm", "selfstab/x")
+    missing = [tag for tag in needed if tag not in series]
+    if missing:
+        raise SystemExit(
+            f"{args.run} has no {', '.join(missing)}: the self-stabilization "
+            "coordinates are logged once λ₁ has reached the threshold, so the run "
+            "must go past the edge of stability (about 300 steps for the main job)."
+        )
+    plot(series, args.output, args.window)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,9 @@ class FlowMonitor(CurvatureCallback):
             away from the threshold).
         candidate_tol: The tolerance of the central flow's eigensolves once
             eigenvalues are near :math:`2/\eta`.
+        max_substeps: Most substeps per step of either flow (``substep_bound``
+            sets how many a stiff flow needs); beyond, the flow stops with a
+            warning and logs NaN.
         max_critical: Most candidate directions of the central flow; beyond, it
             stops with a warning and logs NaN (far above the edge, where the
             complementarity problem would take minutes per step).
@@ -189,6 +192,7 @@ class FlowMonitor(CurvatureCallback):
         tol: float = 1e-2,
         candidate_tol: float = 1e-3,
         max_critical: int = 20,
+        max_substeps: int = 256,
         max_iter: int = 100,
         average_window: int = 20,
         sharpness_every_n_steps: int | None = 1,
@@ -236,6 +240,7 @@ class FlowMonitor(CurvatureCallback):
             "tol": tol,
             "max_iter": max_iter,
             "seed": seed,
+            "max_substeps": max_substeps,
         }
         self.central_options = {
             "substeps": substeps,

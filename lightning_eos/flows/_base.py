@@ -139,6 +139,8 @@ class _Flow:
                 f"`point` must be a flat vector of {objective.dim} entries, got shape "
                 f"{tuple(point.shape)}."
             )
+        if not bool(torch.isfinite(point).all()):
+            raise ValueError("`point` must be finite, got NaN or infinite entries.")
         self.objective = objective
         self.theta = (
             point.detach().to(device=objective.device, dtype=objective.dtype).clone()

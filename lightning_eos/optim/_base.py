@@ -42,6 +42,9 @@ class ClosureOptimizer(Optimizer):
         self.last_stats: dict[str, float] = {}
         self._module: nn.Module | None = None
         self._warned: set[str] = set()
+        #: Called after every closure call that computes a gradient outside
+        #: Lightning's wrapper (see :class:`ClosureCalls`).
+        self.gradient_hooks: list[Callable[[], None]] = []
 
     # -- public ------------------------------------------------------------------------
 
@@ -107,7 +110,7 @@ class ClosureOptimizer(Optimizer):
             trainer = lightning_module._trainer
             if trainer is not None:
                 self.check_trainer(trainer)
-        return ClosureCalls(closure, module, self.counters)
+        return ClosureCalls(closure, module, self.counters, self.gradient_hooks)
 
     def _parameters(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -252,6 +252,10 @@ class ClosureCalls:
         module: The module whose normalization statistics to protect (found from
             Lightning's closure, or attached to the optimizer by hand).
         counters: The optimizer's evaluation counters, updated in place.
+        gradient_hooks: Called without arguments after every call that is not
+            ``final`` and computed a gradient, so that what Lightning's
+            ``on_before_optimizer_step`` adds to the final gradient (a penalty's
+            gradient, for example) reaches the others too.
     """
 
     def __init__(
@@ -259,11 +263,13 @@ class ClosureCalls:
         closure: Callable[[], Any],
         module: nn.Module | None,
         counters: dict[str, int],
+        gradient_hooks: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.wrapped = closure
         self.bare, lightning_module = split_lightning_closure(closure)
         self.module = module if module is not None else lightning_module
         self.counters = counters
+        self.gradient_hooks = tuple(gradient_hooks)
         self._rng_before: tuple[Tensor, list[Tensor] | None] | None = None
         self._rng_after: tuple[Tensor, list[Tensor] | None] | None = None
         self._statistics: list[tuple[Tensor, Tensor]] = []
@@ -305,6 +311,10 @@ class ClosureCalls:
         self.num_calls += 1
         skipped = backward == "skip" and request.honoured
         self.counters["losses" if skipped else "gradients"] += 1
+        if not final and not skipped and loss is not None:
+            with torch.enable_grad():  # optimizers step under no_grad
+                for hook in self.gradient_hooks:
+                    hook()
         if isinstance(loss, Tensor):
             loss = loss.detach()
         return loss, request

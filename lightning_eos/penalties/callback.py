@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -19,6 +20,7 @@ from lightning_eos.callbacks._base import CurvatureCallback
 from lightning_eos.callbacks._probe_set import draw_probe_set
 from lightning_eos.curvature._batches import batch_size, slice_batch
 from lightning_eos.curvature.objective import ProbeObjective
+from lightning_eos.optim._base import ClosureOptimizer
 from lightning_eos.penalties._base import Penalty, PenaltyResult
 from lightning_eos.penalties.central_flow import CentralFlowPenalty
 
@@ -190,6 +192,7 @@ class PenaltyCallback(CurvatureCallback):
         self._micro_batches: list[Any] = []
         self._batch_step = -1
         self._recorded_step = -1
+        self._hooked: tuple[ClosureOptimizer, Callable[[], None]] | None = None
 
     @property
     @override
@@ -208,6 +211,20 @@ class PenaltyCallback(CurvatureCallback):
             )
         optimizer = optimizers[0]
         name = type(optimizer).__name__
+        if isinstance(optimizer, ClosureOptimizer):
+            if optimizer.second_order:
+                raise MisconfigurationException(
+                    f"PenaltyCallback cannot be used with {name}: its curvature "
+                    "products, line search and acceptance tests come from the "
+                    "training closure, whose loss is L without the penalty, while the "
+                    "penalty would reach only the gradient. Write L + P into "
+                    "training_step, or use a first-order optimizer."
+                )
+            # SAM's clean pass runs outside Lightning's hooks: add the penalty's
+            # gradient there too, so that the perturbation follows ∇(L + P).
+            hook = partial(self.on_before_optimizer_step, trainer, pl_module, optimizer)
+            optimizer.gradient_hooks.append(hook)
+            self._hooked = (optimizer, hook)
         search = optimizer.defaults.get("line_search_fn")
         if search is not None:
             raise MisconfigurationException(
@@ -329,6 +346,17 @@ class PenaltyCallback(CurvatureCallback):
         if trainer.global_step != self._recorded_step:  # first closure call of a step
             self._recorded_step = trainer.global_step
             self._record(trainer, result, added)
+
+    @override
+    def teardown(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
+    ) -> None:
+        if self._hooked is not None:
+            optimizer, hook = self._hooked
+            if hook in optimizer.gradient_hooks:
+                optimizer.gradient_hooks.remove(hook)
+            self._hooked = None
+        super().teardown(trainer, pl_module, stage)
 
     # -- checkpoint state -------------------------------------------------------------
 

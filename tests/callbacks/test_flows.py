@@ -335,6 +335,8 @@ def test_minibatches_warn_once(tmp_path):
         ({"sharpness_every_n_steps": 0}, "`sharpness_every_n_steps`"),
         ({"probe_size": 0}, "`probe_size`"),
         ({"dtype": "float16"}, "`dtype`"),
+        ({"max_substeps": 0}, "`max_substeps`"),
+        ({"max_critical": 0}, "`max_critical`"),
     ],
     ids=lambda value: str(value)[:40],
 )

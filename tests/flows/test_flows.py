@@ -236,14 +236,16 @@ def test_adopting_a_gradient_flow_changes_nothing():
         ({"substep_bound": 3.0}, "`substep_bound` .* in \\(0, 2.785\\], got 3.0"),
         ({"method": "euler", "substep_bound": 2.5}, "\\(0, 2\\], got 2.5"),
         ({"tol": 0.0}, "`tol`"),
+        ({"max_critical": 0}, "`max_critical`"),
+        ({"point": torch.tensor([math.nan, 4.9])}, "`point` must be finite"),
     ],
     ids=lambda value: str(value)[:30],
 )
 def test_bad_settings_are_refused(options, match):
     model = Toy(0.3, 4.9)
-    options = {"lr": ETA, **options}
+    options = {"lr": ETA, "point": torch.tensor([0.3, 4.9]), **options}
     with pytest.raises(ValueError, match=match):
-        CentralFlow(objective(model, toy_loss), torch.tensor([0.3, 4.9]), **options)
+        CentralFlow(objective(model, toy_loss), **options)
 
 
 FLOWS = {

@@ -7,9 +7,20 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn.utils import parameters_to_vector
 
 from lightning_eos.curvature import ProbeObjective
+from lightning_eos.optim import (
+    GSAM,
+    SAM,
+    CubicNewton,
+    GaussNewton,
+    GroupedNewton,
+    HessianFree,
+    NewtonCG,
+    backward_with_graph,
+)
 from lightning_eos.penalties import (
     CentralFlowPenalty,
     GradientNormPenalty,
@@ -200,6 +211,63 @@ def test_closure_optimizer_receives_the_penalty_at_every_evaluation(tmp_path):
     torch.testing.assert_close(flat(module), flat(reference), rtol=1e-9, atol=1e-12)
     assert len(callback.history) == 2
     assert callback.num_evaluations == 2 * 4  # one per closure call
+
+
+class SAMRegressor(Regressor):
+    def __init__(self, optimizer_class):
+        super().__init__()
+        self.optimizer_class = optimizer_class
+
+    def configure_optimizers(self):
+        return self.optimizer_class(self.parameters(), torch.optim.SGD, rho=0.1, lr=0.2)
+
+
+@pytest.mark.parametrize("optimizer_class", [SAM, GSAM], ids=["sam", "gsam"])
+def test_sam_family_receives_the_penalty_at_both_points(tmp_path, optimizer_class):
+    """SAM through Lightning + penalty equals SAM on L + P written by hand."""
+    torch.manual_seed(0)
+    module = SAMRegressor(optimizer_class)
+    reference = copy.deepcopy(module)
+    callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
+    fit(tmp_path, module, [callback], steps=3)
+
+    inputs, targets = regression_data().tensors
+    optimizer = reference.configure_optimizers()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = half_squared_error(reference(inputs), targets)
+        gradients = torch.autograd.grad(loss, reference.parameters(), create_graph=True)
+        penalty = 0.3 / 4 * sum(g.square().sum() for g in gradients)
+        (loss + penalty).backward()
+        return loss
+
+    for _ in range(3):
+        optimizer.step(closure)
+    torch.testing.assert_close(flat(module), flat(reference), rtol=1e-9, atol=1e-12)
+    assert callback.num_evaluations == 2 * 3  # the clean and the perturbed point
+
+
+@pytest.mark.parametrize(
+    "optimizer_class",
+    [NewtonCG, HessianFree, CubicNewton, GaussNewton, GroupedNewton],
+    ids=lambda c: c.__name__,
+)
+def test_second_order_optimizers_are_refused_before_the_first_step(
+    tmp_path, optimizer_class
+):
+    class SecondOrder(Regressor):
+        backward = backward_with_graph
+
+        def configure_optimizers(self):
+            return optimizer_class(self.parameters())
+
+    module = SecondOrder()
+    start = flat(module)
+    callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
+    with pytest.raises(MisconfigurationException, match="cannot be used with"):
+        fit(tmp_path, module, [callback], steps=1)
+    assert torch.equal(flat(module), start)
 
 
 def test_resume_continues_as_uninterrupted(tmp_path):
