@@ -1,10 +1,9 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ddp import run_script
 
 from .ddp_flows_run import main
 
@@ -13,15 +12,7 @@ SCRIPT = Path(__file__).with_name("ddp_flows_run.py")
 
 def run(tmp_path, devices):
     output = tmp_path / f"flows-{devices}.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    subprocess.run(
-        [sys.executable, str(SCRIPT), str(output), str(devices)],
-        check=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-    )
+    run_script(SCRIPT, str(output), str(devices), cwd=tmp_path, timeout=300)
     return json.loads(output.read_text())
 
 

@@ -1,10 +1,9 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ddp import run_script
 
 from .ddp_probes import main
 
@@ -13,15 +12,7 @@ SCRIPT = Path(__file__).with_name("ddp_probes.py")
 
 def run(tmp_path, devices):
     output = tmp_path / f"probes-{devices}.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [sys.executable, str(SCRIPT), str(output), str(devices)],
-        check=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-    )
+    run_script(SCRIPT, str(output), str(devices), cwd=tmp_path, timeout=300)
     return json.loads(output.read_text())
 
 

@@ -1,25 +1,16 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.ddp import run_script
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 
 
 def run(tmp_path, devices):
     output = tmp_path / f"history-{devices}.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    subprocess.run(
-        [sys.executable, str(SCRIPT), str(output), str(devices)],
-        check=True,
-        timeout=240,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-    )
+    run_script(SCRIPT, str(output), str(devices), cwd=tmp_path, timeout=240)
     return json.loads(output.read_text())
 
 

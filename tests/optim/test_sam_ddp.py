@@ -1,11 +1,9 @@
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.ddp import run_script
 from tests.optim.ddp_sam import main
 
 SCRIPT = Path(__file__).with_name("ddp_sam.py")
@@ -13,15 +11,7 @@ SCRIPT = Path(__file__).with_name("ddp_sam.py")
 
 def run(tmp_path, devices):
     output = tmp_path / f"params-{devices}.pt"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    subprocess.run(
-        [sys.executable, str(SCRIPT), str(output), str(devices)],
-        check=True,
-        timeout=240,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-    )
+    run_script(SCRIPT, str(output), str(devices), cwd=tmp_path, timeout=240)
     return torch.load(output)
 
 

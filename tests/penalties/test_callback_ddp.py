@@ -1,12 +1,10 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.ddp import run_script
 from tests.penalties.ddp_run import main
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
@@ -15,15 +13,7 @@ SCRIPT = Path(__file__).with_name("ddp_run.py")
 @pytest.mark.ddp
 def test_two_processes_add_the_penalties_of_one(tmp_path):
     output = tmp_path / "ddp.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [sys.executable, str(SCRIPT), str(output), "2"],
-        check=True,
-        timeout=240,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-    )
+    run_script(SCRIPT, str(output), "2", cwd=tmp_path, timeout=240)
     double = json.loads(output.read_text())
     single = main(None, 1)
 
