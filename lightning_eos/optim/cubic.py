@@ -129,6 +129,16 @@ class CubicNewton(ClosureOptimizer):
             low_open=True,
             high_open=True,
         )
+        if (
+            isinstance(very_successful_ratio, (int, float))
+            and not isinstance(very_successful_ratio, bool)
+            and very_successful_ratio < accept
+        ):
+            raise ValueError(
+                "`very_successful_ratio` must be at least `accept_ratio` "
+                f"({accept:g}) and below 1, got {very_successful_ratio!r}: raise it "
+                "together with `accept_ratio`."
+            )
         defaults = {
             "lr": check_number("lr", lr, low=0.0, low_open=True),
             "sigma": check_number("sigma", sigma, low=0.0, low_open=True),

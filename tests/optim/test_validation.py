@@ -65,7 +65,12 @@ BAD = {
     "cubic-ratios": (
         CubicNewton,
         {"accept_ratio": 0.5, "very_successful_ratio": 0.2},
-        "`very_successful_ratio`",
+        r"`very_successful_ratio` must be at least `accept_ratio` \(0.5\)",
+    ),
+    "cubic-accept-above-default": (
+        CubicNewton,
+        {"accept_ratio": 0.95},
+        "raise it together with `accept_ratio`",
     ),
     "cubic-subproblem": (CubicNewton, {"subproblem": "exact"}, "`subproblem`"),
     "gn-negative-damping": (GaussNewton, {"damping": -1e-3}, "`damping`"),
