@@ -36,17 +36,26 @@ class StepProgressBar(TQDMProgressBar):
         check_bool("leave", leave)
         super().__init__(refresh_rate=refresh_rate, leave=leave)
 
+    @property
+    @override
+    def train_description(self) -> str:
+        return "Steps"
+
+    @override
+    def init_train_tqdm(self) -> Any:
+        bar = super().init_train_tqdm()
+        bar.leave = self._leave
+        return bar
+
     @override
     def on_train_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
         self.train_progress_bar = self.init_train_tqdm()
-        self.train_progress_bar.total = (
-            trainer.max_steps if trainer.max_steps > 0 else None
-        )
+        total = trainer.max_steps if trainer.max_steps > 0 else None
+        self.train_progress_bar.reset(total=total)
         self.train_progress_bar.initial = trainer.global_step
         self.train_progress_bar.n = trainer.global_step
-        self.train_progress_bar.set_description("Steps")
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
