@@ -60,6 +60,19 @@ def check_eigensolver(k: Any, tol: Any, max_iter: Any) -> tuple[int, float, int]
     )
 
 
+def check_k_fits(k: int, pl_module: pl.LightningModule, owner: str) -> None:
+    """Refuse ``k`` eigenpairs of a module with fewer trainable parameters.
+
+    Raises:
+        ValueError: If ``k`` exceeds the number of trainable parameters.
+    """
+    count = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+    if k > count:
+        raise ValueError(
+            f"{owner}: `k` = {k} exceeds the number of trainable parameters ({count})."
+        )
+
+
 class CurvatureCallback(Callback):
     """Base of the curvature callbacks: when to measure, on which data, and logging.
 

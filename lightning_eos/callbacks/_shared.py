@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
+from lightning_eos.callbacks._base import CurvatureCallback
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.lanczos import Eigenpairs, lanczos
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_eos.callbacks._base import CurvatureCallback
 
 Sharing = Literal["auto", "own"]
 #: Settings that must agree for two callbacks to probe the same loss.
@@ -122,14 +121,33 @@ class EigenpairSource:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.vectors = state.get("vectors")
 
-    def check_size(self, pl_module: pl.LightningModule, owner: str) -> None:
-        """Refuse ``k`` larger than the number of trainable parameters."""
-        count = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        if self.k > count:
-            raise ValueError(
-                f"{owner}: `k` = {self.k} exceeds the number of trainable parameters "
-                f"({count})."
-            )
+
+class SharedEigenpairsCallback(CurvatureCallback):
+    """A curvature callback whose eigenpairs come from :attr:`source`.
+
+    Subclasses set ``self.source`` (an :class:`EigenpairSource`) in their
+    constructor. When the source shares a :class:`SharpnessMonitor`'s eigenpairs,
+    the callback uses that monitor's probe set instead of drawing its own.
+    """
+
+    source: EigenpairSource
+
+    @override
+    def setup(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
+    ) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.source.setup(trainer, self)
+
+    @override
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe is not None:
+            return
+        if self.source.prepare(trainer, pl_module, self):
+            self.on_prepare(trainer, pl_module)
+        else:
+            super().prepare(trainer, pl_module)
 
 
 def not_finite_message(owner: str, step: int) -> str:

@@ -15,10 +15,11 @@ from torch.utils.data import IterableDataset
 from typing_extensions import override
 
 from lightning_eos._validation import check_int
-from lightning_eos.callbacks._base import _DTYPES, CurvatureCallback, check_eigensolver
+from lightning_eos.callbacks._base import _DTYPES, check_eigensolver
 from lightning_eos.callbacks._probe_set import _collated_chunks, training_dataloader
 from lightning_eos.callbacks._shared import (
     EigenpairSource,
+    SharedEigenpairsCallback,
     Sharing,
     not_finite_message,
 )
@@ -49,7 +50,7 @@ class MinibatchRecord:
     indices: list[Tensor]
 
 
-class MinibatchSharpnessMonitor(CurvatureCallback):
+class MinibatchSharpnessMonitor(SharedEigenpairsCallback):
     r"""Log the sharpness of minibatch losses beside that of the full probe set.
 
     With minibatch SGD the step follows the gradient of a minibatch loss
@@ -145,23 +146,6 @@ class MinibatchSharpnessMonitor(CurvatureCallback):
         return self._generate_state_key(
             num_batches=self.num_batches, every_n_steps=self.every_n_steps
         )
-
-    @override
-    def setup(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
-    ) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self.source.setup(trainer, self)
-
-    @override
-    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe is not None:
-            return
-        if self.source.prepare(trainer, pl_module, self):
-            self.on_prepare(trainer, pl_module)
-        else:
-            super().prepare(trainer, pl_module)
 
     @override
     def on_prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -13,7 +13,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_eos.callbacks._base import CurvatureCallback, check_eigensolver
+from lightning_eos.callbacks._base import (
+    CurvatureCallback,
+    check_eigensolver,
+    check_k_fits,
+)
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.lanczos import lanczos
 from lightning_eos.curvature.preconditioned import (
@@ -124,13 +128,8 @@ class PreconditionedSharpnessMonitor(CurvatureCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
-        count = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        if self.k > count:
-            raise ValueError(
-                f"`k` = {self.k} exceeds the number of trainable parameters ({count})."
-            )
+        if stage == "fit":
+            check_k_fits(self.k, pl_module, type(self).__name__)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

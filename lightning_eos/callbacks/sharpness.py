@@ -12,7 +12,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_eos._validation import check_int
-from lightning_eos.callbacks._base import CurvatureCallback, check_eigensolver
+from lightning_eos.callbacks._base import (
+    CurvatureCallback,
+    check_eigensolver,
+    check_k_fits,
+)
 from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.lanczos import Eigenpairs, lanczos
 from lightning_eos.curvature.thresholds import StabilityThreshold, stability_threshold
@@ -168,13 +172,8 @@ class SharpnessMonitor(CurvatureCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
-        count = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        if self.k > count:
-            raise ValueError(
-                f"`k` = {self.k} exceeds the number of trainable parameters ({count})."
-            )
+        if stage == "fit":
+            check_k_fits(self.k, pl_module, type(self).__name__)
 
     @override
     def on_prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -12,9 +12,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_eos._validation import check_bool, check_number
-from lightning_eos.callbacks._base import CurvatureCallback, check_eigensolver
+from lightning_eos.callbacks._base import (
+    check_eigensolver,
+    check_k_fits,
+)
 from lightning_eos.callbacks._shared import (
     EigenpairSource,
+    SharedEigenpairsCallback,
     Sharing,
     not_finite_message,
 )
@@ -33,7 +37,7 @@ from lightning_eos.curvature.subspace import sharpness_gradient
 from lightning_eos.curvature.thresholds import stability_threshold
 
 
-class ThirdOrderMonitor(CurvatureCallback):
+class ThirdOrderMonitor(SharedEigenpairsCallback):
     r"""Log the gradient of the sharpness, self-stabilization and block derivatives.
 
     At each measurement, with :math:`(\lambda_1, u_1)` the top eigenpair of the
@@ -200,8 +204,7 @@ class ThirdOrderMonitor(CurvatureCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self.source.check_size(pl_module, type(self).__name__)
-        self.source.setup(trainer, self)
+        check_k_fits(self.k, pl_module, type(self).__name__)
         if self.block_direction != "none":
             names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
             try:
@@ -210,15 +213,6 @@ class ThirdOrderMonitor(CurvatureCallback):
                 raise ValueError(
                     f"{type(self).__name__}: `block_groups`: {error}"
                 ) from None
-
-    @override
-    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe is not None:
-            return
-        if self.source.prepare(trainer, pl_module, self):
-            self.on_prepare(trainer, pl_module)
-        else:
-            super().prepare(trainer, pl_module)
 
     @override
     def on_prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -180,7 +180,9 @@ class CubicNewton(ClosureOptimizer):
         return float(state.get("sigma", self.param_groups[0]["sigma"]))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None
+    ) -> Tensor | None:
         """Take one ARC step; ``closure`` recomputes the loss and its gradient."""
         settings = shared_settings(self.param_groups, type(self).__name__)
         calls = self._begin(closure)

@@ -94,7 +94,9 @@ class GaussNewton(ClosureOptimizer):
         check_dtypes(self._parameters(), type(self).__name__)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None
+    ) -> Tensor | None:
         """Take one Gauss-Newton step; ``closure`` recomputes the loss."""
         name = type(self).__name__
         settings = shared_settings(self.param_groups, name)

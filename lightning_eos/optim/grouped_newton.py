@@ -142,7 +142,9 @@ class GroupedNewton(ClosureOptimizer):
             )
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None
+    ) -> Tensor | None:
         """Take one grouped Newton step; ``closure`` recomputes the loss."""
         name = type(self).__name__
         settings = shared_settings(self.param_groups, name)

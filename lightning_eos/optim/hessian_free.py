@@ -158,7 +158,9 @@ class HessianFree(ClosureOptimizer):
         return float(state.get("damping", self.param_groups[0]["damping"]))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None
+    ) -> Tensor | None:
         """Take one Hessian-free step; ``closure`` recomputes the loss and gradient."""
         name = type(self).__name__
         settings = shared_settings(self.param_groups, name)

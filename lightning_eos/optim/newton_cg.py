@@ -160,7 +160,9 @@ class NewtonCG(ClosureOptimizer):
         check_dtypes(self._parameters(), type(self).__name__)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None
+    ) -> Tensor | None:
         """Take one Newton-CG step; ``closure`` recomputes the loss and gradient."""
         settings = shared_settings(self.param_groups, type(self).__name__)
         calls = self._begin(closure)

@@ -156,7 +156,9 @@ class SAM(ClosureOptimizer):
     # -- the step ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Tensor | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], Any] | None = None
+    ) -> Tensor | None:
         """Take one SAM step; ``closure`` recomputes the loss and its gradient."""
         calls = self._begin(closure)
         loss, _ = calls()
