@@ -17,6 +17,7 @@ from lightning_eos.optim._closure import (
     BackwardRequest,
     ClosureCalls,
     check_trainer,
+    current_backward_request,
     split_lightning_closure,
 )
 
@@ -162,6 +163,11 @@ class Derivatives:
       :math:`\tfrac{h}{2}\nabla^3 L[v, v]` for a cubic loss) plus a round-off of
       about :math:`\epsilon_{\mathrm{mach}}\|\nabla L\|/h`.
 
+    When a callback added a term :math:`P` to the objective during the first call
+    (:class:`~lightning_eos.penalties.PenaltyCallback` with a second-order
+    optimizer), the loss, the gradient and the products are those of
+    :math:`L + P`, and :attr:`added_gradient` is :math:`\nabla P` alone.
+
     Args:
         optimizer: The optimizer (its counters are updated).
         calls: The closure calls of this step.
@@ -189,9 +195,7 @@ class Derivatives:
         self.outputs: list[Any] = []
         handle = None
         if capture is not None:
-            handle = capture.register_forward_hook(
-                lambda module, args, output: self.outputs.append(output)
-            )
+            handle = capture.register_forward_hook(self._record_output)
         try:
             loss, request = calls(
                 final=True, backward="graph" if want_graph else "plain"
@@ -206,6 +210,7 @@ class Derivatives:
         self.gradient = flatten(
             [g.detach() if g is not None else None for g in self._grads], self.params
         )
+        self.added_gradient = self._added_gradient(request)
         if want_graph and loss is not None:
             self._check_graph(request)
         self._live = [i for i, g in enumerate(self._grads) if _has_graph(g)]
@@ -264,6 +269,31 @@ class Derivatives:
         self.calls.close()
 
     # -- internals ---------------------------------------------------------------------
+
+    def _record_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Keep the outputs of training_step's forward call, before its backward.
+
+        Forward calls after the backward pass (a callback evaluating a penalty on
+        copies of the parameters in ``on_after_backward``) are not the outputs of
+        the loss.
+        """
+        request = current_backward_request()
+        if request is None or request.loss is None:
+            self.outputs.append(output)
+
+    def _added_gradient(self, request: BackwardRequest) -> Tensor | None:
+        """The gradient of the terms a callback added to the objective, flat."""
+        if not request.added_gradients:
+            return None
+        index = {id(p): i for i, p in enumerate(self.params)}
+        pieces: list[Tensor | None] = [None] * len(self.params)
+        for parameter, piece in request.added_gradients:
+            i = index.get(id(parameter))
+            if i is None:
+                continue
+            piece = piece.detach().to(self.params[i])
+            pieces[i] = piece if pieces[i] is None else pieces[i] + piece
+        return flatten(pieces, self.params)
 
     def _finite_difference(self, vector: Tensor) -> Tensor:
         norm = float(vector.norm())

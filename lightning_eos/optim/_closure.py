@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -65,16 +65,53 @@ class BackwardRequest:
             when they see the request; ``False`` means the module runs its own
             backward, which builds no graph and is never skipped.
         loss: The loss tensor, with its graph, that the backward pass received.
+        added_loss: The sum of the values of the terms added by :meth:`add_term`.
+        added_gradients: Their gradients, as ``(parameter, piece)`` pairs.
+        terms_added: Whether :meth:`add_term` was called.
     """
 
     mode: BackwardMode
     honoured: bool = False
     loss: Tensor | None = None
+    added_loss: float = 0.0
+    added_gradients: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    terms_added: bool = False
+
+    def add_term(
+        self, value: float, gradients: Sequence[tuple[Tensor, Tensor]] = ()
+    ) -> None:
+        r"""Record a term that a callback added to the objective of this call.
+
+        A callback (``on_after_backward``) that adds a term :math:`P` to the
+        objective adds :math:`\nabla P` to ``.grad`` itself and records here the
+        value, which :class:`ClosureCalls` adds to the loss it returns, and the
+        gradient, which curvature built from the module's outputs alone
+        (Gauss-Newton) needs to tell apart from :math:`\nabla L`.
+
+        Args:
+            value: :math:`P` at the parameters of this call.
+            gradients: Pairs ``(parameter, piece of ∇P)`` without graph; empty
+                when the backward pass was skipped.
+        """
+        self.terms_added = True
+        self.added_loss += float(value)
+        self.added_gradients.extend(gradients)
 
 
 _REQUEST: ContextVar[BackwardRequest | None] = ContextVar(
     "lightning_eos_backward_request", default=None
 )
+
+
+def current_backward_request() -> BackwardRequest | None:
+    """The request of the closure call under way, or ``None`` outside one.
+
+    Inside a closure called by an optimizer of :mod:`lightning_eos.optim` (in the
+    module's backward pass or in ``on_after_backward``) it says which backward
+    pass the optimizer asked for, and collects the terms a callback adds to the
+    objective (:meth:`BackwardRequest.add_term`).
+    """
+    return _REQUEST.get()
 
 
 def backward_with_graph(
@@ -287,8 +324,9 @@ class ClosureCalls:
 
         Returns:
             The loss returned by the closure (``None`` if ``training_step``
-            returned ``None``) and the backward request, as the backward pass
-            left it.
+            returned ``None``), plus the value of the terms added to the
+            objective during the call (:meth:`BackwardRequest.add_term`), and the
+            backward request, as the backward pass left it.
         """
         first = self._rng_before is None
         if first:
@@ -317,6 +355,8 @@ class ClosureCalls:
                     hook()
         if isinstance(loss, Tensor):
             loss = loss.detach()
+            if request.terms_added:
+                loss = loss + request.added_loss
         return loss, request
 
     def close(self) -> None:

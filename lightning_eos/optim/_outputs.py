@@ -68,9 +68,14 @@ class OutputProducts:
         ]
         self.num_outputs = self.outputs.numel()
 
+        # Terms a callback added to the objective (a penalty) do not pass through
+        # the outputs: compare Jᵀr with the gradient of the loss alone.
+        loss_gradient = derivatives.gradient
+        if derivatives.added_gradient is not None:
+            loss_gradient = loss_gradient - derivatives.added_gradient
         gradient = self.vjp(self.residual.detach())
-        error = float((gradient - derivatives.gradient).norm())
-        scale = float(derivatives.gradient.norm())
+        error = float((gradient - loss_gradient).norm())
+        scale = float(loss_gradient.norm())
         tolerance = 10 * math.sqrt(torch.finfo(gradient.dtype).eps) * max(scale, 1e-30)
         if error > tolerance:
             raise RuntimeError(

@@ -49,6 +49,17 @@ class GaussNewton(ClosureOptimizer):
     outputs is a 14,370-dimensional kernel system, solved matrix-free; a dense
     kernel would need :math:`n_{\mathrm{out}}` backward passes and is not formed.
 
+    A term :math:`P` added to the objective by a callback
+    (:class:`~lightning_eos.penalties.PenaltyCallback`) does not pass through the
+    outputs. Its gradient :math:`g_P` joins the right-hand side and, as the
+    residual term of the Hessian of :math:`L`, its curvature is left out of the
+    Gauss-Newton matrix:
+    :math:`\Delta\theta = -\eta\,(cJ^\top J + \lambda I)^{-1}(J^\top r + g_P)`,
+    computed by the same solve in function space as
+    :math:`-\eta\,[J^\top z + g_P/\lambda]` with
+    :math:`(cJJ^\top + \lambda I)\,z = r - (c/\lambda)\,J g_P` (Woodbury's
+    identity). This needs :math:`\lambda > 0`.
+
     :attr:`last_stats`: ``loss``, ``grad_norm``, ``cg_iterations``,
     ``cg_residual`` (relative), ``damping``, ``step_norm``, ``output_change``
     (:math:`\|J\Delta\theta\|/\|r/c\|`, 1 when the linearized step interpolates).
@@ -128,14 +139,28 @@ class GaussNewton(ClosureOptimizer):
             )
             derivatives.release()
             return derivatives.loss
+        if derivatives.added_gradient is not None and settings["damping"] == 0:
+            derivatives.release()
+            raise RuntimeError(
+                f"{name} got a term added to the objective (a penalty) whose "
+                "gradient need not lie in the row space of the Jacobian, where "
+                "undamped Gauss-Newton has no curvature: use damping > 0."
+            )
+        added = derivatives.added_gradient
         try:
             products = OutputProducts(derivatives, name)
             c = self._loss_curvature(products, name)
-            z, iterations, residual = self._solve(products, c, settings)
+            rhs = products.residual.detach()
+            if added is not None:
+                rhs = rhs - c / settings["damping"] * products.jvp(added)
+            z, iterations, residual = self._solve(products, c, settings, rhs)
         except BaseException:
             derivatives.release()
             raise
-        step = -settings["lr"] * products.vjp(z)
+        direction = products.vjp(z)
+        if added is not None:
+            direction = direction + added / settings["damping"]
+        step = -settings["lr"] * direction
         output_change = products.jvp(step)
         target = products.residual.detach() / c
         self.counters["hvps"] += 1
@@ -170,11 +195,15 @@ class GaussNewton(ClosureOptimizer):
         return c
 
     def _solve(
-        self, products: OutputProducts, c: float, settings: dict[str, Any]
+        self,
+        products: OutputProducts,
+        c: float,
+        settings: dict[str, Any],
+        rhs: Tensor,
     ) -> tuple[Tensor, int, float]:
-        r"""CG on :math:`(cJJ^\top + \lambda I) z = r`."""
+        r"""CG on :math:`(cJJ^\top + \lambda I) z = b`, ``rhs`` :math:`b` (outputs)."""
         damping = settings["damping"]
-        rhs = products.residual.detach().reshape(-1)
+        rhs = rhs.reshape(-1)
         shape = products.outputs.shape
 
         def kernel(vector: Tensor) -> Tensor:

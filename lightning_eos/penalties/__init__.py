@@ -6,6 +6,7 @@ gradient to the training gradient of any LightningModule before each optimizer s
 """
 
 from lightning_eos.penalties._base import Penalty, PenaltyResult
+from lightning_eos.penalties._terms import CurvatureTerm, GradientNormTerm, PenaltyTerm
 from lightning_eos.penalties.callback import PenaltyCallback, PenaltyRecord
 from lightning_eos.penalties.central_flow import CentralFlowPenalty
 from lightning_eos.penalties.gradient_norm import (
@@ -17,12 +18,15 @@ from lightning_eos.penalties.trace import TracePenalty
 
 __all__ = [
     "CentralFlowPenalty",
+    "CurvatureTerm",
     "GradientNormPenalty",
+    "GradientNormTerm",
     "MinibatchGradientNormPenalty",
     "Penalty",
     "PenaltyCallback",
     "PenaltyRecord",
     "PenaltyResult",
+    "PenaltyTerm",
     "SharpnessPenalty",
     "TracePenalty",
 ]

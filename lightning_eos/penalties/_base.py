@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_eos._validation import check_number
 from lightning_eos.curvature.objective import ProbeObjective
+from lightning_eos.penalties._terms import PenaltyTerm
 
 #: A penalty coefficient: a non-negative number, or ``"lr"`` for the learning rate of
 #: the step the penalty is added to.
@@ -32,6 +33,11 @@ class PenaltyResult:
             example the sharpness), keyed by short names.
         num_products: Hessian-vector products spent.
         num_third_order: Third-order vectors :math:`T[u, v]` spent.
+        term: The penalty as a differentiable function of the parameters, frozen
+            at this evaluation (:class:`~lightning_eos.penalties.PenaltyTerm`),
+            for optimizers that differentiate or compare values of their
+            objective; ``None`` for an inactive or non-finite penalty, and for an
+            objective whose data is spread over several processes.
     """
 
     value: float
@@ -40,6 +46,7 @@ class PenaltyResult:
     metrics: dict[str, float] = field(default_factory=dict)
     num_products: int = 0
     num_third_order: int = 0
+    term: PenaltyTerm | None = None
 
     @property
     def gradient_norm(self) -> float:
@@ -63,10 +70,14 @@ class Penalty:
             (:class:`~lightning_eos.penalties.PenaltyCallback` then evaluates
             normalization layers in plain tensor operations, whose third
             derivatives autograd gets right).
+        has_term: Whether :meth:`evaluate` returns the penalty as a
+            differentiable :class:`~lightning_eos.penalties.PenaltyTerm` as
+            well, which the second-order optimizers need.
     """
 
     name: str = "penalty"
     needs_third_order: bool = False
+    has_term: bool = False
 
     @property
     def needs_step_size(self) -> bool:

@@ -21,7 +21,10 @@ from lightning_eos.callbacks._probe_set import draw_probe_set
 from lightning_eos.curvature._batches import batch_size, slice_batch
 from lightning_eos.curvature.objective import ProbeObjective
 from lightning_eos.optim._base import ClosureOptimizer
+from lightning_eos.optim._closure import current_backward_request
+from lightning_eos.optim.gauss_newton import GaussNewton
 from lightning_eos.penalties._base import Penalty, PenaltyResult
+from lightning_eos.penalties._terms import PenaltyTerm
 from lightning_eos.penalties.central_flow import CentralFlowPenalty
 
 _DATA = ("batch", "probe")
@@ -193,6 +196,9 @@ class PenaltyCallback(CurvatureCallback):
         self._batch_step = -1
         self._recorded_step = -1
         self._hooked: tuple[ClosureOptimizer, Callable[[], None]] | None = None
+        self._through_objective = False
+        self._term: PenaltyTerm | None = None
+        self._term_step = -1
 
     @property
     @override
@@ -211,15 +217,13 @@ class PenaltyCallback(CurvatureCallback):
             )
         optimizer = optimizers[0]
         name = type(optimizer).__name__
-        if isinstance(optimizer, ClosureOptimizer):
-            if optimizer.second_order:
-                raise MisconfigurationException(
-                    f"PenaltyCallback cannot be used with {name}: its curvature "
-                    "products, line search and acceptance tests come from the "
-                    "training closure, whose loss is L without the penalty, while the "
-                    "penalty would reach only the gradient. Write L + P into "
-                    "training_step, or use a first-order optimizer."
-                )
+        self._through_objective = False
+        if isinstance(optimizer, ClosureOptimizer) and optimizer.second_order:
+            self._check_second_order(optimizer)
+            # The penalty becomes a term of the objective of every closure call:
+            # the optimizer's loss values, gradients and curvature are of L + P.
+            self._through_objective = True
+        elif isinstance(optimizer, ClosureOptimizer):
             # SAM's clean pass runs outside Lightning's hooks: add the penalty's
             # gradient there too, so that the perturbation follows ∇(L + P).
             hook = partial(self.on_before_optimizer_step, trainer, pl_module, optimizer)
@@ -250,6 +254,25 @@ class PenaltyCallback(CurvatureCallback):
                 "CentralFlowPenalty's projection rule assumes a gradient-descent "
                 f"step θ⁺ = θ − η·g; with {name} (or momentum) the sharpness is held "
                 "at 2/target_lr only approximately.",
+            )
+
+    def _check_second_order(self, optimizer: ClosureOptimizer) -> None:
+        name = type(optimizer).__name__
+        penalty = type(self.penalty).__name__
+        if not self.penalty.has_term:
+            raise MisconfigurationException(
+                f"PenaltyCallback adds the penalty to the objective of {name}, which "
+                f"differentiates it twice, but {penalty} returns no PenaltyTerm "
+                "(set `has_term = True` and return `PenaltyResult(term=...)` from "
+                "`evaluate`). Use a first-order optimizer with it."
+            )
+        if isinstance(optimizer, GaussNewton) and any(
+            group["damping"] == 0 for group in optimizer.param_groups
+        ):
+            raise MisconfigurationException(
+                f"PenaltyCallback with {name}(damping=0): the penalty's gradient "
+                "need not lie in the row space of the Jacobian, where undamped "
+                "Gauss-Newton has no curvature. Use damping > 0."
             )
 
     # -- hooks -----------------------------------------------------------------------
@@ -314,12 +337,80 @@ class PenaltyCallback(CurvatureCallback):
         """Nothing: the penalty is added before the step, not measured after it."""
 
     @override
+    def on_after_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        """With a second-order optimizer, add the penalty to this call's objective.
+
+        The penalty is evaluated once per step, at the first closure call (the
+        step's starting point), and frozen into its
+        :class:`~lightning_eos.penalties.PenaltyTerm`; every closure call of the
+        step then adds the term's value to the loss the optimizer receives and
+        its gradient to ``.grad``, with graph when the optimizer asked for one.
+        """
+        request = current_backward_request()
+        if not self._through_objective or request is None:
+            return
+        if trainer.global_step != self._term_step:  # the step's first closure call
+            self._term_step = trainer.global_step
+            self._term = self._evaluate(trainer, pl_module, trainer.optimizers[0])[1]
+        if self._term is None:
+            return
+        mode = request.mode if request.honoured else "plain"
+        named = dict(pl_module.named_parameters())
+        tensors = [named[name] for name in self._term.objectives[0].names]
+        with torch.enable_grad():
+            value = self._term(tensors)
+            if mode == "skip":
+                request.add_term(float(value.detach()))
+                return
+            graph = mode == "graph"
+            pieces = torch.autograd.grad(
+                value, tensors, create_graph=graph, allow_unused=True
+            )
+        added = []
+        for parameter, piece in zip(tensors, pieces, strict=True):
+            if piece is None:
+                continue
+            if graph:  # keep the graph: the optimizer differentiates .grad again
+                grad = parameter.grad
+                parameter.grad = piece if grad is None else grad + piece
+            else:
+                piece = piece.detach()
+                with torch.no_grad():
+                    if parameter.grad is None:
+                        parameter.grad = piece.clone()
+                    else:
+                        parameter.grad.add_(piece)
+            added.append((parameter, piece.detach()))
+        request.add_term(float(value.detach()), added)
+
+    @override
     def on_before_optimizer_step(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         optimizer: Optimizer,
     ) -> None:
+        if self._through_objective:
+            return  # already in the objective (on_after_backward)
+        objective, _, result = self._evaluate(trainer, pl_module, optimizer)
+        if result is not None:
+            self._add_gradient(objective, pl_module, result.gradient)
+
+    def _evaluate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: Optimizer,
+    ) -> tuple[ProbeObjective, PenaltyTerm | None, PenaltyResult | None]:
+        """Evaluate the penalty at the current parameters, warn, and record it.
+
+        Returns:
+            The objective, the penalty's term and its result; the last two are
+            ``None`` when nothing is to be added (an inactive or non-finite
+            penalty).
+        """
         objective = self._objective(trainer, pl_module)
         result = self.penalty.evaluate(objective, self._step_size(optimizer))
         self.num_evaluations += 1
@@ -327,9 +418,7 @@ class PenaltyCallback(CurvatureCallback):
             torch.isfinite(result.gradient).all()
         )
         added = finite and result.active
-        if added:
-            self._add_gradient(objective, pl_module, result.gradient)
-        elif not finite:
+        if not finite:
             self.warn_once(
                 "non-finite",
                 f"PenaltyCallback: {type(self.penalty).__name__} or its gradient is "
@@ -346,6 +435,9 @@ class PenaltyCallback(CurvatureCallback):
         if trainer.global_step != self._recorded_step:  # first closure call of a step
             self._recorded_step = trainer.global_step
             self._record(trainer, result, added)
+        if not added:
+            return objective, None, None
+        return objective, result.term, result
 
     @override
     def teardown(
@@ -356,6 +448,7 @@ class PenaltyCallback(CurvatureCallback):
             if hook in optimizer.gradient_hooks:
                 optimizer.gradient_hooks.remove(hook)
             self._hooked = None
+        self._term, self._term_step = None, -1  # holds the step's data: let it go
         super().teardown(trainer, pl_module, stage)
 
     # -- checkpoint state -------------------------------------------------------------

@@ -12,6 +12,7 @@ from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.objective import ProbeObjective
 from lightning_eos.penalties._base import Penalty, PenaltyResult
 from lightning_eos.penalties._eigen import WarmTopEigenpair
+from lightning_eos.penalties._terms import CurvatureTerm
 
 
 class CentralFlowPenalty(Penalty):
@@ -91,6 +92,7 @@ class CentralFlowPenalty(Penalty):
     """
 
     name = "central_flow"
+    has_term = True
     needs_third_order = True
 
     def __init__(
@@ -151,6 +153,9 @@ class CentralFlowPenalty(Penalty):
             "sharpness_gradient_norm": squared_norm**0.5,
             "converged": float(result.converged),
         }
+        term = None
+        if sigma2 > 0 and objective.all_reduce is None:
+            term = CurvatureTerm(objective, u, [0.5 * sigma2])
         return PenaltyResult(
             value=0.5 * sigma2 * sharpness,
             gradient=0.5 * sigma2 * sharpness_gradient,
@@ -158,6 +163,7 @@ class CentralFlowPenalty(Penalty):
             metrics=metrics,
             num_products=operator.num_products,
             num_third_order=operator.num_third_order,
+            term=term,
         )
 
     def multiplier(

@@ -23,6 +23,7 @@ from lightning_eos.penalties._base import (
     check_coefficient,
     resolve_coefficient,
 )
+from lightning_eos.penalties._terms import GradientNormTerm
 
 
 class GradientNormPenalty(Penalty):
@@ -81,6 +82,7 @@ class GradientNormPenalty(Penalty):
     """
 
     name = "gradient_norm"
+    has_term = True
 
     def __init__(self, coefficient: Coefficient = "lr") -> None:
         self.coefficient = check_coefficient("coefficient", coefficient, True)
@@ -106,12 +108,14 @@ class GradientNormPenalty(Penalty):
 
         active = c != 0
         product = operator.matvec(gradient) if active else torch.zeros_like(gradient)
+        local = objective.all_reduce is None
         return PenaltyResult(
             value=c / 4 * squared_norm,
             gradient=c / 2 * product,
             active=active,
             metrics={"coefficient": c, "loss_gradient_norm": squared_norm**0.5},
             num_products=operator.num_products,
+            term=GradientNormTerm([objective], [c / 4]) if active and local else None,
         )
 
     def _arguments(self) -> dict[str, Any]:
@@ -162,6 +166,7 @@ class MinibatchGradientNormPenalty(Penalty):
     """
 
     name = "minibatch_gradient_norm"
+    has_term = True
 
     def __init__(
         self,
@@ -192,7 +197,8 @@ class MinibatchGradientNormPenalty(Penalty):
             objective.dim, dtype=objective.dtype, device=squared_norms.device
         )
         count, spent = 0, 0
-        for minibatch in self.minibatches(objective):
+        minibatches = self.minibatches(objective)
+        for minibatch in minibatches:
             operator = HessianOperator(objective.with_chunks([minibatch]))
             gradient = operator.gradient()
             squared_norms = squared_norms + gradient.square().sum()
@@ -211,12 +217,19 @@ class MinibatchGradientNormPenalty(Penalty):
         )
         packed = objective._reduce(packed)
         total = float(packed[1])
+        term = None
+        if active and objective.all_reduce is None:
+            term = GradientNormTerm(
+                [objective.with_chunks([minibatch]) for minibatch in minibatches],
+                [c / (4 * total)] * len(minibatches),
+            )
         return PenaltyResult(
             value=c / 4 * float(packed[0]) / total,
             gradient=c / 2 * packed[2:] / total,
             active=active,
             metrics={"coefficient": c, "minibatches": total},
             num_products=spent,
+            term=term,
         )
 
     def minibatches(self, objective: ProbeObjective) -> list[Any]:

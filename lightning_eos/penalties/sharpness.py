@@ -11,6 +11,7 @@ from lightning_eos.curvature.hessian import HessianOperator
 from lightning_eos.curvature.objective import ProbeObjective
 from lightning_eos.penalties._base import Penalty, PenaltyResult, check_coefficient
 from lightning_eos.penalties._eigen import WarmTopEigenpair
+from lightning_eos.penalties._terms import CurvatureTerm
 
 
 class SharpnessPenalty(Penalty):
@@ -61,6 +62,7 @@ class SharpnessPenalty(Penalty):
     """
 
     name = "sharpness"
+    has_term = True
     needs_third_order = True
 
     def __init__(
@@ -88,10 +90,12 @@ class SharpnessPenalty(Penalty):
             "coefficient": mu,
         }
         active = mu != 0 and result.finite
+        term = None
         if active:
-            gradient = mu * operator.third_order(
-                result.eigenvectors[0], result.eigenvectors[0]
-            )
+            u = result.eigenvectors[0]
+            gradient = mu * operator.third_order(u, u)
+            if objective.all_reduce is None:
+                term = CurvatureTerm(objective, u, [mu])
         elif result.finite:
             gradient = torch.zeros(
                 objective.dim, dtype=operator.dtype, device=operator.device
@@ -107,6 +111,7 @@ class SharpnessPenalty(Penalty):
             metrics=metrics,
             num_products=operator.num_products,
             num_third_order=operator.num_third_order,
+            term=term,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from lightning_eos.penalties._base import (
     check_coefficient,
     unit_random,
 )
+from lightning_eos.penalties._terms import CurvatureTerm
 
 _DISTRIBUTIONS = ("rademacher", "gaussian")
 
@@ -68,6 +69,7 @@ class TracePenalty(Penalty):
     """
 
     name = "trace"
+    has_term = True
     needs_third_order = True
 
     def __init__(
@@ -104,8 +106,12 @@ class TracePenalty(Penalty):
             metrics["trace_standard_error"] = spread
 
         active = mu != 0
+        term = None
         if active:
             gradient = mu * operator.third_order(vectors, vectors).mean(dim=0)
+            if objective.all_reduce is None:
+                weights = [mu / self.num_samples] * self.num_samples
+                term = CurvatureTerm(objective, vectors, weights)
         else:
             gradient = like.new_zeros(objective.dim)
         return PenaltyResult(
@@ -115,6 +121,7 @@ class TracePenalty(Penalty):
             metrics=metrics,
             num_products=operator.num_products,
             num_third_order=operator.num_third_order,
+            term=term,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -7,19 +7,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn.utils import parameters_to_vector
 
 from lightning_eos.curvature import ProbeObjective
 from lightning_eos.optim import (
     GSAM,
     SAM,
-    CubicNewton,
-    GaussNewton,
-    GroupedNewton,
-    HessianFree,
-    NewtonCG,
-    backward_with_graph,
 )
 from lightning_eos.penalties import (
     CentralFlowPenalty,
@@ -246,28 +239,6 @@ def test_sam_family_receives_the_penalty_at_both_points(tmp_path, optimizer_clas
         optimizer.step(closure)
     torch.testing.assert_close(flat(module), flat(reference), rtol=1e-9, atol=1e-12)
     assert callback.num_evaluations == 2 * 3  # the clean and the perturbed point
-
-
-@pytest.mark.parametrize(
-    "optimizer_class",
-    [NewtonCG, HessianFree, CubicNewton, GaussNewton, GroupedNewton],
-    ids=lambda c: c.__name__,
-)
-def test_second_order_optimizers_are_refused_before_the_first_step(
-    tmp_path, optimizer_class
-):
-    class SecondOrder(Regressor):
-        backward = backward_with_graph
-
-        def configure_optimizers(self):
-            return optimizer_class(self.parameters())
-
-    module = SecondOrder()
-    start = flat(module)
-    callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
-    with pytest.raises(MisconfigurationException, match="cannot be used with"):
-        fit(tmp_path, module, [callback], steps=1)
-    assert torch.equal(flat(module), start)
 
 
 def test_resume_continues_as_uninterrupted(tmp_path):

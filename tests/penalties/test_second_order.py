@@ -1,0 +1,300 @@
+"""PenaltyCallback with the second-order optimizers: the penalty in their objective.
+
+The reference is the same optimizer on a module whose ``training_step`` returns
+L + P written by hand (float64; rtol 1e-9 leaves room for the different order of
+the additions), or the dense Gauss-Newton step.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.func import functional_call
+
+from lightning_eos.curvature import ProbeObjective
+from lightning_eos.optim import (
+    CubicNewton,
+    GaussNewton,
+    GroupedNewton,
+    HessianFree,
+    NewtonCG,
+    backward_with_graph,
+)
+from lightning_eos.penalties import (
+    CentralFlowPenalty,
+    GradientNormPenalty,
+    Penalty,
+    PenaltyCallback,
+    PenaltyResult,
+    SharpnessPenalty,
+    TracePenalty,
+)
+from tests.callbacks.modules import (
+    Regressor,
+    half_squared_error,
+    loader,
+    regression_data,
+    trainer,
+)
+from tests.penalties.test_callback import fit, flat
+
+OPTIMIZERS = {
+    "newton-cg": lambda p: NewtonCG(p, lr=1.0),
+    "newton-cg-fd": lambda p: NewtonCG(p, lr=1.0, hessian_products="finite_difference"),
+    "hessian-free": lambda p: HessianFree(p, lr=1.0),
+    "cubic": lambda p: CubicNewton(p),
+    "grouped-newton": lambda p: GroupedNewton(p),
+}
+
+
+class SecondOrder(Regressor):
+    backward = backward_with_graph
+
+    def __init__(self, make_optimizer, **kwargs):
+        super().__init__(**kwargs)
+        self.make_optimizer = make_optimizer
+
+    def configure_optimizers(self):
+        return self.make_optimizer(self.parameters())
+
+
+class HandPenalized(SecondOrder):
+    """L + (c/4)‖∇L‖² written into training_step, the reference."""
+
+    def __init__(self, make_optimizer, coefficient):
+        super().__init__(make_optimizer)
+        self.coefficient = coefficient
+
+    def training_step(self, batch, batch_idx):
+        loss = half_squared_error(self(batch[0]), batch[1])
+        params = [p for p in self.parameters() if p.requires_grad]
+        gradients = torch.autograd.grad(loss, params, create_graph=True)
+        return loss + self.coefficient / 4 * sum(g.square().sum() for g in gradients)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_gradient_norm_penalty_is_in_the_objective_of_the_optimizer(tmp_path, name):
+    torch.manual_seed(0)
+    module = SecondOrder(OPTIMIZERS[name])
+    reference = HandPenalized(OPTIMIZERS[name], 0.3)
+    reference.load_state_dict(module.state_dict())
+    callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
+    fit(tmp_path, module, [callback], steps=3)
+    fit(tmp_path, reference, [], steps=3)
+
+    torch.testing.assert_close(flat(module), flat(reference), rtol=1e-9, atol=1e-12)
+    ours = module.trainer.optimizers[0].last_stats
+    theirs = reference.trainer.optimizers[0].last_stats
+    # The optimizer's loss is L + P: its line search and acceptance tests use it.
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-9)
+    assert [r.step for r in callback.history] == [0, 1, 2]
+    assert callback.num_evaluations == 3  # once per step, whatever the closure calls
+    assert all(r.added and r.value > 0 for r in callback.history)
+
+
+def test_probe_data_penalizes_the_probe_set(tmp_path):
+    torch.manual_seed(0)
+    module = SecondOrder(OPTIMIZERS["newton-cg"])
+    reference = HandPenalized(OPTIMIZERS["newton-cg"], 0.3)
+    reference.load_state_dict(module.state_dict())
+    callback = PenaltyCallback(
+        GradientNormPenalty(0.3),
+        data="probe",
+        probe_size=64,
+        loss_fn=half_squared_error,
+    )
+    fit(tmp_path, module, [callback], steps=2)
+    fit(tmp_path, reference, [], steps=2)
+    torch.testing.assert_close(flat(module), flat(reference), rtol=1e-9, atol=1e-12)
+
+
+class FixedCurvaturePenalized(SecondOrder):
+    """L + μ·uᵀ∇²L(θ)u with u fixed, written into training_step."""
+
+    def __init__(self, make_optimizer, mu, u):
+        super().__init__(make_optimizer)
+        self.mu, self.u = mu, u
+
+    def training_step(self, batch, batch_idx):
+        loss = half_squared_error(self(batch[0]), batch[1])
+        params = [p for p in self.parameters() if p.requires_grad]
+        gradient = torch.cat(
+            [
+                g.reshape(-1)
+                for g in torch.autograd.grad(loss, params, create_graph=True)
+            ]
+        )
+        product = torch.autograd.grad(gradient @ self.u, params, create_graph=True)
+        curvature = torch.cat([h.reshape(-1) for h in product]) @ self.u
+        return loss + self.mu * curvature
+
+
+@pytest.mark.parametrize("name", ["newton-cg", "cubic"])
+def test_sharpness_penalty_is_the_rayleigh_quotient_of_the_step(tmp_path, name):
+    torch.manual_seed(0)
+    module = SecondOrder(OPTIMIZERS[name])
+    inputs, targets = regression_data().tensors
+    names = [n for n, _ in module.named_parameters()]
+    sizes = [p.numel() for p in module.parameters()]
+    shapes = [p.shape for p in module.parameters()]
+
+    def loss(theta):
+        pieces = torch.split(theta, sizes)
+        params = {
+            n: t.reshape(s) for n, t, s in zip(names, pieces, shapes, strict=True)
+        }
+        return half_squared_error(functional_call(module, params, (inputs,)), targets)
+
+    hessian = torch.autograd.functional.hessian(loss, flat(module))
+    u = torch.linalg.eigh(hessian).eigenvectors[:, -1]
+    reference = FixedCurvaturePenalized(OPTIMIZERS[name], 0.05, u)
+    reference.load_state_dict(module.state_dict())
+
+    callback = PenaltyCallback(
+        SharpnessPenalty(0.05, tol=1e-10), loss_fn=half_squared_error
+    )
+    fit(tmp_path, module, [callback], steps=1)
+    fit(tmp_path, reference, [], steps=1)
+    # The eigenvector is Lanczos's to a residual of 1e-10 relative.
+    torch.testing.assert_close(flat(module), flat(reference), rtol=1e-7, atol=1e-9)
+    assert callback.history[0].metrics["lambda_1"] == pytest.approx(
+        float(torch.linalg.eigvalsh(hessian)[-1]), rel=1e-9
+    )
+
+
+def dense_jacobian(module, inputs):
+    names = [n for n, _ in module.named_parameters()]
+    sizes = [p.numel() for p in module.parameters()]
+    shapes = [p.shape for p in module.parameters()]
+
+    def outputs(theta):
+        pieces = torch.split(theta, sizes)
+        params = {
+            n: t.reshape(s) for n, t, s in zip(names, pieces, shapes, strict=True)
+        }
+        return functional_call(module, params, (inputs,)).reshape(-1)
+
+    return torch.autograd.functional.jacobian(outputs, flat(module))
+
+
+def test_gauss_newton_step_is_the_damped_step_on_the_penalized_gradient(tmp_path):
+    torch.manual_seed(0)
+    damping = 0.05
+    module = SecondOrder(
+        lambda p: GaussNewton(p, lr=0.5, damping=damping, cg_tol=1e-13, max_cg_iter=500)
+    )
+    start = copy.deepcopy(module)
+    inputs, targets = regression_data().tensors
+    objective = ProbeObjective(start, [(inputs, targets)], loss_fn=half_squared_error)
+    penalty = GradientNormPenalty(0.3).evaluate(objective)
+    jacobian = dense_jacobian(start, inputs)
+    residual = (start(inputs) - targets).detach().reshape(-1) / len(inputs)
+    c = 1 / len(inputs)  # ∇²_f ℓ = I/N for ½‖f − y‖² averaged over N examples
+    matrix = c * jacobian.T @ jacobian + damping * torch.eye(jacobian.shape[1]).double()
+    step = -0.5 * torch.linalg.solve(matrix, jacobian.T @ residual + penalty.gradient)
+
+    callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
+    fit(tmp_path, module, [callback], steps=1)
+    torch.testing.assert_close(flat(module), flat(start) + step, rtol=1e-8, atol=1e-11)
+
+
+def test_gauss_newton_curvature_of_hessian_free_takes_the_penalized_gradient(tmp_path):
+    torch.manual_seed(0)
+    module = SecondOrder(lambda p: HessianFree(p, curvature="gauss_newton"))
+    start = copy.deepcopy(module)
+    inputs, targets = regression_data().tensors
+    objective = ProbeObjective(start, [(inputs, targets)], loss_fn=half_squared_error)
+    penalty = GradientNormPenalty(0.3).evaluate(objective)
+    start.zero_grad()
+    half_squared_error(start(inputs), targets).backward()
+    gradient = torch.cat([p.grad.reshape(-1) for p in start.parameters()])
+
+    callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
+    fit(tmp_path, module, [callback], steps=1)
+    stats = module.trainer.optimizers[0].last_stats
+    assert stats["grad_norm"] == pytest.approx(
+        float((gradient + penalty.gradient).norm()), rel=1e-10
+    )
+    assert stats["loss"] == pytest.approx(module.losses[0] + penalty.value, rel=1e-12)
+    assert stats["new_loss"] < stats["loss"]
+
+
+ZERO = {
+    "gradient-norm": lambda: GradientNormPenalty(0.0),
+    "sharpness": lambda: SharpnessPenalty(0.0),
+    "trace": lambda: TracePenalty(0.0),
+    "central-flow": lambda: CentralFlowPenalty(target_lr=1e-6),  # never reached
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO))
+@pytest.mark.parametrize("optimizer", ["hessian-free", "cubic"])
+def test_zero_coefficient_gives_a_bit_identical_run(tmp_path, name, optimizer):
+    runs = []
+    for callbacks in ([], [PenaltyCallback(ZERO[name](), loss_fn=half_squared_error)]):
+        torch.manual_seed(0)
+        module = SecondOrder(OPTIMIZERS[optimizer], dropout=0.3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = fit(tmp_path, module, callbacks, steps=3)
+        state = copy.deepcopy(run.optimizers[0].state_dict())
+        runs.append((module, state, torch.get_rng_state()))
+    (plain, plain_state, plain_rng), (penalized, state, rng) = runs
+    assert plain.losses == penalized.losses
+    assert torch.equal(flat(plain), flat(penalized))
+    assert torch.equal(plain_rng, rng)
+    for index, entry in plain_state["state"].items():
+        for key, value in entry.items():
+            other = state["state"][index][key]
+            assert (
+                torch.equal(value, other) if torch.is_tensor(value) else value == other
+            )
+
+
+def test_gauss_newton_without_damping_is_refused_before_the_first_step(tmp_path):
+    module = SecondOrder(lambda p: GaussNewton(p, damping=0.0))
+    start = flat(module)
+    callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
+    with pytest.raises(MisconfigurationException, match=r"damping=0.*damping > 0"):
+        fit(tmp_path, module, [callback], steps=1)
+    assert torch.equal(flat(module), start)
+
+
+class GradientOnly(Penalty):
+    """A user's penalty that knows its gradient but not its term."""
+
+    def evaluate(self, objective, step_size=None):
+        return PenaltyResult(0.0, torch.zeros(objective.dim).double(), active=False)
+
+
+def test_penalty_without_a_term_is_refused_before_the_first_step(tmp_path):
+    module = SecondOrder(OPTIMIZERS["newton-cg"])
+    start = flat(module)
+    callback = PenaltyCallback(GradientOnly(), loss_fn=half_squared_error)
+    with pytest.raises(MisconfigurationException, match="GradientOnly returns no"):
+        fit(tmp_path, module, [callback], steps=1)
+    assert torch.equal(flat(module), start)
+
+
+def test_resume_continues_as_uninterrupted(tmp_path):
+    def callbacks():
+        return [PenaltyCallback(SharpnessPenalty(0.05), loss_fn=half_squared_error)]
+
+    torch.manual_seed(0)
+    straight = SecondOrder(OPTIMIZERS["hessian-free"])
+    interrupted = copy.deepcopy(straight)
+    straight_callbacks = callbacks()
+    fit(tmp_path, straight, straight_callbacks, steps=4)
+
+    first = fit(tmp_path, interrupted, callbacks(), steps=2)
+    path = tmp_path / "half.ckpt"
+    first.save_checkpoint(path)
+    resumed, resumed_callbacks = SecondOrder(OPTIMIZERS["hessian-free"]), callbacks()
+    run = trainer(tmp_path, resumed_callbacks, 4)
+    run.fit(resumed, loader(regression_data()), ckpt_path=path)
+
+    assert torch.equal(flat(resumed), flat(straight))
+    values = [r.value for r in resumed_callbacks[0].history]
+    assert values == [r.value for r in straight_callbacks[0].history[2:]]
