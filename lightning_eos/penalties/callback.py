@@ -56,28 +56,51 @@ class PenaltyRecord:
 
 
 class PenaltyCallback(CurvatureCallback):
-    r"""Add an explicit penalty's exact gradient to the training gradient, every step.
+    r"""Add an explicit penalty to the objective of any optimizer, every step.
 
-    With the penalty :math:`P` attached, the optimizer steps on the gradient of
-    :math:`L + P` instead of :math:`L`: in ``on_before_optimizer_step``, after the
-    module's backward pass and before gradient clipping and the optimizer's
-    update, :math:`\nabla P(\theta)` is evaluated at the module's current
-    parameters and added to every trainable parameter's ``.grad``. The module is
-    not changed and need not know about the penalty.
+    With the penalty :math:`P` attached, the optimizer descends :math:`L + P`
+    instead of :math:`L`. The module is not changed and need not know about the
+    penalty. How the penalty reaches the optimizer depends on what the optimizer
+    uses of its objective:
 
-    Why a callback and not a loss wrapper. The penalties' gradients are exact
-    Hessian-vector and third-order products, which the curvature core computes on
-    copies of the parameters, in chunks, optionally in float64, with one
-    collective per product under data parallelism. Adding the result in
-    ``on_before_optimizer_step`` makes the penalty the same whatever the
-    optimizer, gradient accumulation or process count, and leaves the module's
-    backward pass (and memory) as it was. A loss wrapper would need a backward pass
-    with ``create_graph=True`` through the user's ``training_step``, would
-    penalize each micro-batch or process separately (the mean of
-    :math:`\|\nabla L_b\|^2` is not :math:`\|\nabla L\|^2`), and differentiates
-    through DDP's reducer, which does not support double backward. What the
-    callback cannot do is change the loss *value* the closure returns to the
-    optimizer: it stays the module's loss :math:`L`.
+    * First-order optimizers (SGD, Adam, LBFGS, the SAM family) use gradients
+      only. In ``on_before_optimizer_step``, after the module's backward pass and
+      before gradient clipping and the optimizer's update, :math:`\nabla
+      P(\theta)` is evaluated at the module's current parameters and added to
+      every trainable parameter's ``.grad``. The penalties' gradients are exact
+      Hessian-vector and third-order products, which the curvature core computes
+      on copies of the parameters, in chunks, optionally in float64, with one
+      collective per product under data parallelism; the penalty is then the same
+      whatever the gradient accumulation or process count, and the module's
+      backward pass (and memory) stays as it was. The loss the closure returns to
+      the optimizer stays :math:`L`.
+    * The second-order optimizers of :mod:`lightning_eos.optim` (``NewtonCG``,
+      ``HessianFree``, ``CubicNewton``, ``GaussNewton``, ``GroupedNewton``) also
+      differentiate the gradient and compare loss values at trial points. For
+      them the penalty is a *loss term*: at the step's first closure call it is
+      evaluated and frozen into its :class:`~lightning_eos.penalties.PenaltyTerm`,
+      a differentiable function of the parameters; in ``on_after_backward`` of
+      every closure call of the step its value is added to the loss the
+      optimizer receives and its gradient to ``.grad``, with graph when the
+      optimizer asked for one. Line searches, trust-region tests and
+      Hessian-vector products are then those of :math:`L + P`: exactly, for the
+      gradient-norm penalties; for the sharpness, trace and central-flow
+      penalties, with their vectors held fixed during the step (value and
+      gradient exact at the step's start, curvature without the eigenvector's
+      rotation). ``GaussNewton`` and ``HessianFree(curvature="gauss_newton")``
+      take the penalty's gradient and leave its curvature out of their
+      Gauss-Newton matrix. These optimizers refuse several processes and gradient
+      accumulation themselves, and so the penalty with them runs on one process.
+      The term is evaluated on the penalty's data in one pass with graph:
+      ``chunk_size`` bounds the memory of the evaluation, not that of the term.
+
+    Why not only a loss wrapper: a wrapper around the user's loss would need a
+    backward pass with ``create_graph=True`` through every ``training_step``,
+    would penalize each micro-batch or process separately (the mean of
+    :math:`\|\nabla L_b\|^2` is not :math:`\|\nabla L\|^2`), and would
+    differentiate through DDP's reducer, which does not support double backward.
+    The loss term is used where it is needed, by the optimizers that already
+    build that graph.
 
     The data of :math:`L` in :math:`P`. ``data="batch"`` (default): the examples
     the optimizer step is made of, i.e. all micro-batches accumulated for the step
@@ -113,8 +136,12 @@ class PenaltyCallback(CurvatureCallback):
     added, and warned about once; training goes on.
 
     Refused, with the reason: strategies that shard parameters (FSDP, DeepSpeed),
-    several optimizers, optimizers with a line search, param groups with different
-    learning rates when the penalty needs the learning rate.
+    several optimizers, first-order optimizers with a line search (LBFGS with
+    ``line_search_fn``: its closure's loss is :math:`L` alone), param groups with
+    different learning rates when the penalty needs the learning rate, a
+    second-order optimizer with a penalty that returns no term, and
+    ``GaussNewton(damping=0)``, which has no curvature outside the row space of
+    the Jacobian, where the penalty's gradient may point.
 
     Penalties with third derivatives (sharpness, trace, central flow) evaluate the
     loss with normalization layers in plain tensor operations

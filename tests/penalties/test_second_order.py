@@ -21,6 +21,7 @@ from lightning_eos.optim import (
     HessianFree,
     NewtonCG,
     backward_with_graph,
+    closure_backward,
 )
 from lightning_eos.penalties import (
     CentralFlowPenalty,
@@ -298,3 +299,43 @@ def test_resume_continues_as_uninterrupted(tmp_path):
     assert torch.equal(flat(resumed), flat(straight))
     values = [r.value for r in resumed_callbacks[0].history]
     assert values == [r.value for r in straight_callbacks[0].history[2:]]
+
+
+def test_term_is_a_loss_wrapper_for_a_plain_training_loop():
+    """The loop of docs/penalties.md equals the closure on L + P written by hand."""
+    torch.manual_seed(0)
+    model = Regressor().net
+    reference = copy.deepcopy(model)
+    inputs, targets = regression_data().tensors
+    penalty = GradientNormPenalty(0.3)
+    optimizer = NewtonCG(model.parameters(), lr=1.0)
+    for _ in range(3):
+        objective = ProbeObjective(
+            model, [(inputs, targets)], loss_fn=half_squared_error
+        )
+        term = penalty.evaluate(objective).term
+
+        def closure(term=term):
+            optimizer.zero_grad()
+            loss = half_squared_error(model(inputs), targets) + term()
+            closure_backward(loss)
+            return loss
+
+        optimizer.step(closure)
+
+    hand = NewtonCG(reference.parameters(), lr=1.0)
+
+    def hand_closure():
+        hand.zero_grad()
+        loss = half_squared_error(reference(inputs), targets)
+        gradients = torch.autograd.grad(loss, reference.parameters(), create_graph=True)
+        loss = loss + 0.3 / 4 * sum(g.square().sum() for g in gradients)
+        closure_backward(loss)
+        return loss
+
+    for _ in range(3):
+        hand.step(hand_closure)
+    ours = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    theirs = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-13)
+    assert optimizer.last_stats["loss"] == pytest.approx(hand.last_stats["loss"])
