@@ -11,7 +11,6 @@ import warnings
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.func import functional_call
 
 from lightning_eos.curvature import ProbeObjective
 from lightning_eos.optim import (
@@ -39,6 +38,7 @@ from tests.callbacks.modules import (
     regression_data,
     trainer,
 )
+from tests.penalties.dense import outputs_of_flat
 from tests.penalties.test_callback import fit, flat
 
 OPTIMIZERS = {
@@ -137,16 +137,10 @@ def test_sharpness_penalty_is_the_rayleigh_quotient_of_the_step(tmp_path, name):
     torch.manual_seed(0)
     module = SecondOrder(OPTIMIZERS[name])
     inputs, targets = regression_data().tensors
-    names = [n for n, _ in module.named_parameters()]
-    sizes = [p.numel() for p in module.parameters()]
-    shapes = [p.shape for p in module.parameters()]
+    outputs = outputs_of_flat(module, inputs)
 
     def loss(theta):
-        pieces = torch.split(theta, sizes)
-        params = {
-            n: t.reshape(s) for n, t, s in zip(names, pieces, shapes, strict=True)
-        }
-        return half_squared_error(functional_call(module, params, (inputs,)), targets)
+        return half_squared_error(outputs(theta), targets)
 
     hessian = torch.autograd.functional.hessian(loss, flat(module))
     u = torch.linalg.eigh(hessian).eigenvectors[:, -1]
@@ -166,18 +160,10 @@ def test_sharpness_penalty_is_the_rayleigh_quotient_of_the_step(tmp_path, name):
 
 
 def dense_jacobian(module, inputs):
-    names = [n for n, _ in module.named_parameters()]
-    sizes = [p.numel() for p in module.parameters()]
-    shapes = [p.shape for p in module.parameters()]
-
-    def outputs(theta):
-        pieces = torch.split(theta, sizes)
-        params = {
-            n: t.reshape(s) for n, t, s in zip(names, pieces, shapes, strict=True)
-        }
-        return functional_call(module, params, (inputs,)).reshape(-1)
-
-    return torch.autograd.functional.jacobian(outputs, flat(module))
+    outputs = outputs_of_flat(module, inputs)
+    return torch.autograd.functional.jacobian(
+        lambda theta: outputs(theta).reshape(-1), flat(module)
+    )
 
 
 def test_gauss_newton_step_is_the_damped_step_on_the_penalized_gradient(tmp_path):

@@ -9,7 +9,6 @@ step 1e-5 (error O(h²) ≈ 1e-10 relative, so rtol 1e-6).
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from lightning_eos.curvature import ProbeObjective
 from lightning_eos.penalties import (
@@ -21,6 +20,7 @@ from lightning_eos.penalties import (
     SharpnessPenalty,
     TracePenalty,
 )
+from tests.penalties.dense import flat_params, outputs_of_flat, term_of_flat
 
 
 def half_squared_error(outputs, targets):
@@ -45,35 +45,16 @@ def objective_for(model, inputs, targets, chunk=12):
 
 def dense_loss(model, inputs, targets):
     """θ ↦ L(θ) on a flat vector, written without the package."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-
-    def loss(theta):
-        pieces = torch.split(theta, sizes)
-        params = {
-            n: t.reshape(s) for n, t, s in zip(names, pieces, shapes, strict=True)
-        }
-        return half_squared_error(functional_call(model, params, (inputs,)), targets)
-
-    return loss
+    outputs = outputs_of_flat(model, inputs)
+    return lambda theta: half_squared_error(outputs(theta), targets)
 
 
-def flat_params(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def term_of_flat(term, model):
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-
-    def value(theta):
-        pieces = [
-            t.reshape(s) for t, s in zip(torch.split(theta, sizes), shapes, strict=True)
-        ]
-        return term(pieces)
-
-    return value
+def assert_term_hessian(term, model, explicit):
+    """The term's Hessian is that of ``explicit``, a dense function of flat θ."""
+    theta = flat_params(model)
+    expected = torch.autograd.functional.hessian(explicit, theta)
+    got = torch.autograd.functional.hessian(term_of_flat(term, model), theta)
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-12)
 
 
 PENALTIES = {
@@ -126,10 +107,7 @@ def test_gradient_norm_term_hessian_is_that_of_the_explicit_penalty():
         (gradient,) = torch.autograd.grad(loss(theta), theta, create_graph=True)
         return 0.3 / 4 * gradient.square().sum()
 
-    theta = flat_params(model)
-    expected = torch.autograd.functional.hessian(explicit, theta)
-    got = torch.autograd.functional.hessian(term_of_flat(result.term, model), theta)
-    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-12)
+    assert_term_hessian(result.term, model, explicit)
 
 
 def test_minibatch_term_hessian_is_that_of_the_minibatch_mean():
@@ -146,10 +124,7 @@ def test_minibatch_term_hessian_is_that_of_the_minibatch_mean():
             total = total + gradient.square().sum()
         return 0.3 / (4 * len(slices)) * total
 
-    theta = flat_params(model)
-    expected = torch.autograd.functional.hessian(explicit, theta)
-    got = torch.autograd.functional.hessian(term_of_flat(result.term, model), theta)
-    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-12)
+    assert_term_hessian(result.term, model, explicit)
 
 
 def test_trace_term_is_the_estimate_for_its_vectors_with_its_exact_hessian():
@@ -164,10 +139,7 @@ def test_trace_term_is_the_estimate_for_its_vectors_with_its_exact_hessian():
         hessian = torch.autograd.functional.hessian(loss, theta, create_graph=True)
         return 0.1 * torch.einsum("si,ij,sj->s", vectors, hessian, vectors).mean()
 
-    theta = flat_params(model)
-    expected = torch.autograd.functional.hessian(explicit, theta)
-    got = torch.autograd.functional.hessian(term_of_flat(result.term, model), theta)
-    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-12)
+    assert_term_hessian(result.term, model, explicit)
 
 
 def test_sharpness_term_hessian_misses_exactly_the_eigenvector_rotation():
