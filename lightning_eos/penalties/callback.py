@@ -245,6 +245,10 @@ class PenaltyCallback(CurvatureCallback):
         optimizer = optimizers[0]
         name = type(optimizer).__name__
         self._through_objective = False
+        if isinstance(optimizer, ClosureOptimizer):
+            # The optimizer would refuse these settings at its first step; with
+            # the penalty attached, refuse them now, before anything is evaluated.
+            optimizer.check_trainer(trainer)
         if isinstance(optimizer, ClosureOptimizer) and optimizer.second_order:
             self._check_second_order(optimizer)
             # The penalty becomes a term of the objective of every closure call:

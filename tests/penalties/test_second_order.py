@@ -325,3 +325,13 @@ def test_term_is_a_loss_wrapper_for_a_plain_training_loop():
     theirs = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
     torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-13)
     assert optimizer.last_stats["loss"] == pytest.approx(hand.last_stats["loss"])
+
+
+def test_settings_the_optimizer_cannot_serve_are_refused_when_fitting_starts(tmp_path):
+    module = SecondOrder(OPTIMIZERS["newton-cg"])
+    start = flat(module)
+    callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
+    with pytest.raises(MisconfigurationException, match="gradient accumulation"):
+        fit(tmp_path, module, [callback], steps=1, accumulate_grad_batches=2)
+    assert torch.equal(flat(module), start)
+    assert callback.num_evaluations == 0
