@@ -15,6 +15,8 @@ per optimizer step:
   penalty (the step's time divided by its products, a coarse figure: line-search
   trials and the penalty's own evaluation are counted in).
 
+Rows marked "curvature left out" use ``PenaltyCallback(term_curvature=False)``.
+
     python benchmarks/penalties_second_order.py [--steps 8] [--rounds 2]
 """
 
@@ -49,12 +51,21 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
         p, curvature="gauss_newton", damping=1.0
     ),
 }
-PENALTIES: dict[str, Callable[[], Any] | None] = {
-    "none": None,
-    "gradient norm (c = 0.1)": lambda: GradientNormPenalty(0.1),
-    "sharpness (μ = 1e-3)": lambda: SharpnessPenalty(1e-3, extra_vectors=0),
-    "trace (μ = 1e-5)": lambda: TracePenalty(1e-5),
-    "central flow (η★ = 0.2)": lambda: CentralFlowPenalty(0.2, extra_vectors=0),
+#: name: (penalty factory, whether its curvature enters the optimizer's products)
+PENALTIES: dict[str, tuple[Callable[[], Any] | None, bool]] = {
+    "none": (None, True),
+    "gradient norm (c = 0.1)": (lambda: GradientNormPenalty(0.1), True),
+    "gradient norm, curvature left out": (lambda: GradientNormPenalty(0.1), False),
+    "sharpness (μ = 1e-3)": (lambda: SharpnessPenalty(1e-3, extra_vectors=0), True),
+    "sharpness, curvature left out": (
+        lambda: SharpnessPenalty(1e-3, extra_vectors=0),
+        False,
+    ),
+    "trace (μ = 1e-5)": (lambda: TracePenalty(1e-5), True),
+    "central flow (η★ = 0.2)": (
+        lambda: CentralFlowPenalty(0.2, extra_vectors=0),
+        True,
+    ),
 }
 
 
@@ -73,15 +84,19 @@ class StepTimer(pl.Callback):
 
 
 def run(
-    data: DigitsDataModule, make_optimizer: Any, make_penalty: Any, steps: int
+    data: DigitsDataModule,
+    make_optimizer: Any,
+    penalty: tuple[Callable[[], Any] | None, bool],
+    steps: int,
 ) -> dict[str, float]:
     pl.seed_everything(0, verbose=False)
     model = MLP()
     model.configure_optimizers = lambda: make_optimizer(model.parameters())
     timer = StepTimer()
     callbacks: list[pl.Callback] = [timer]
+    make_penalty, term_curvature = penalty
     if make_penalty is not None:
-        callbacks.append(PenaltyCallback(make_penalty()))
+        callbacks.append(PenaltyCallback(make_penalty(), term_curvature=term_curvature))
     trainer = pl.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -130,9 +145,9 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     for _ in range(args.rounds):
         for optimizer_name, make_optimizer in OPTIMIZERS.items():
-            for penalty_name, make_penalty in PENALTIES.items():
+            for penalty_name, penalty in PENALTIES.items():
                 units.extend(gradient() for _ in range(5))
-                row = run(data, make_optimizer, make_penalty, args.steps)
+                row = run(data, make_optimizer, penalty, args.steps)
                 results.setdefault((optimizer_name, penalty_name), []).append(row)
 
     unit = statistics.median(units)

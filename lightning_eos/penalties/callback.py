@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_eos._validation import check_choice, check_int
+from lightning_eos._validation import check_bool, check_choice, check_int
 from lightning_eos.callbacks._base import CurvatureCallback
 from lightning_eos.callbacks._probe_set import draw_probe_set
 from lightning_eos.curvature._batches import batch_size, slice_batch
@@ -166,6 +166,10 @@ class PenaltyCallback(CurvatureCallback):
         seed: Seed of the probe set and of dropout masks in the penalty, in
             ``[0, 2**32 - 1]``.
         log_every_n_steps: Log every this many optimizer steps, at least 1.
+        term_curvature: With a second-order optimizer, whether its Hessian-vector
+            products include the penalty's curvature (exact; each product then
+            differentiates the term's gradient once more) or leave it out, as
+            Gauss-Newton curvature does (the value and gradient still enter).
 
     Raises:
         ValueError: At construction, for an argument outside its range.
@@ -197,6 +201,7 @@ class PenaltyCallback(CurvatureCallback):
         dtype: Literal["float32", "float64"] | None = None,
         seed: int = 0,
         log_every_n_steps: int = 1,
+        term_curvature: bool = True,
     ) -> None:
         if not isinstance(penalty, Penalty):
             raise ValueError(
@@ -205,6 +210,7 @@ class PenaltyCallback(CurvatureCallback):
             )
         check_choice("data", data, _DATA)
         check_int("log_every_n_steps", log_every_n_steps)
+        self.term_curvature = check_bool("term_curvature", term_curvature)
         super().__init__(
             log_every_n_steps,
             probe_size,
@@ -395,15 +401,18 @@ class PenaltyCallback(CurvatureCallback):
             if mode == "skip":
                 request.add_term(float(value.detach()))
                 return
-            graph = mode == "graph"
+            keep = mode == "graph"  # .grad carries the graph of L: keep it
             pieces = torch.autograd.grad(
-                value, tensors, create_graph=graph, allow_unused=True
+                value,
+                tensors,
+                create_graph=keep and self.term_curvature,
+                allow_unused=True,
             )
         added = []
         for parameter, piece in zip(tensors, pieces, strict=True):
             if piece is None:
                 continue
-            if graph:  # keep the graph: the optimizer differentiates .grad again
+            if keep:  # the optimizer differentiates .grad again
                 grad = parameter.grad
                 parameter.grad = piece if grad is None else grad + piece
             else:

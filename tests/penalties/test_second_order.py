@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_eos.curvature import ProbeObjective
 from lightning_eos.optim import (
+    ClosureOptimizer,
     CubicNewton,
     GaussNewton,
     GroupedNewton,
@@ -22,6 +23,7 @@ from lightning_eos.optim import (
     backward_with_graph,
     closure_backward,
 )
+from lightning_eos.optim._base import Derivatives
 from lightning_eos.penalties import (
     CentralFlowPenalty,
     GradientNormPenalty,
@@ -335,3 +337,98 @@ def test_settings_the_optimizer_cannot_serve_are_refused_when_fitting_starts(tmp
         fit(tmp_path, module, [callback], steps=1, accumulate_grad_batches=2)
     assert torch.equal(flat(module), start)
     assert callback.num_evaluations == 0
+
+
+class Probe(ClosureOptimizer):
+    """Records what a second-order optimizer sees of its objective; takes no step."""
+
+    second_order = True
+
+    def __init__(self, params, vector):
+        super().__init__(params, {"lr": 0.1})
+        self.vector = vector
+        self.seen = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        derivatives = Derivatives(self, self._begin(closure), "exact")
+        trial = derivatives.point + 0.1 * self.vector
+        self.seen = {
+            "loss": float(derivatives.loss),
+            "gradient": derivatives.gradient.clone(),
+            "added": derivatives.added_gradient,
+            "product": derivatives.hvp(self.vector),
+            "trial": derivatives.loss_at(trial),
+        }
+        derivatives.release()
+        return derivatives.loss
+
+
+def dense_objective(module, mu_u=None):
+    """L and P (gradient norm c = 0.3, or μuᵀHu with u fixed) as dense functions."""
+    inputs, targets = regression_data().tensors
+    outputs = outputs_of_flat(module, inputs)
+
+    def loss(theta):
+        return half_squared_error(outputs(theta), targets)
+
+    def penalty(theta):
+        if not theta.requires_grad:
+            theta = theta.detach().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(loss(theta), theta, create_graph=True)
+        if mu_u is None:
+            return 0.3 / 4 * gradient.square().sum()
+        mu, u = mu_u
+        (product,) = torch.autograd.grad(gradient @ u, theta, create_graph=True)
+        return mu * product @ u
+
+    return loss, penalty
+
+
+@pytest.mark.parametrize("term_curvature", [True, False], ids=["exact", "left-out"])
+@pytest.mark.parametrize("name", ["gradient-norm", "sharpness"])
+def test_optimizer_sees_the_loss_gradient_and_curvature_of_the_term(
+    tmp_path, name, term_curvature
+):
+    torch.manual_seed(0)
+    module = SecondOrder(lambda p: p)
+    theta = flat(module)
+    vector = torch.randn(theta.shape, dtype=theta.dtype)
+    module.make_optimizer = lambda params: Probe(params, vector)
+    loss, _ = dense_objective(module)
+    u = torch.linalg.eigh(torch.autograd.functional.hessian(loss, theta))[1][:, -1]
+    mu_u = None if name == "gradient-norm" else (0.05, u)
+    loss, penalty = dense_objective(module, mu_u)
+    made = (
+        GradientNormPenalty(0.3) if mu_u is None else SharpnessPenalty(0.05, tol=1e-12)
+    )
+
+    callback = PenaltyCallback(
+        made, loss_fn=half_squared_error, term_curvature=term_curvature
+    )
+    fit(tmp_path, module, [callback], steps=1)
+    seen = module.trainer.optimizers[0].seen
+
+    def gradient(function, point):
+        point = point.clone().requires_grad_(True)
+        return torch.autograd.grad(function(point), point)[0]
+
+    def product(function):
+        return torch.autograd.functional.hvp(function, theta, vector)[1]
+
+    expected_product = product(loss) + (product(penalty) if term_curvature else 0)
+    expected_loss = float((loss(theta) + penalty(theta)).detach())
+    assert seen["loss"] == pytest.approx(expected_loss, rel=1e-10)
+    torch.testing.assert_close(
+        seen["added"], gradient(penalty, theta), rtol=1e-8, atol=1e-12
+    )
+    torch.testing.assert_close(
+        seen["gradient"],
+        gradient(loss, theta) + gradient(penalty, theta),
+        rtol=1e-9,
+        atol=1e-12,
+    )
+    torch.testing.assert_close(seen["product"], expected_product, rtol=1e-8, atol=1e-11)
+    trial = theta + 0.1 * vector
+    expected_trial = float(loss(trial)) + float(penalty(trial).detach())
+    assert seen["trial"] == pytest.approx(expected_trial, rel=1e-10)
