@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Any, Literal
 
 import torch
@@ -21,6 +22,17 @@ BatchLoss = Callable[[nn.Module, Any], Tensor]
 AllReduce = Callable[[Tensor], Tensor]
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive chunk indices over the seed space
+
+_PROBING: ContextVar[bool] = ContextVar("lightning_eos_probing", default=False)
+
+
+def probing() -> bool:
+    """Whether a :class:`ProbeObjective` is evaluating the module right now.
+
+    Forward hooks that record a module's training outputs (the Gauss-Newton
+    optimizers do) use it to leave out the forward calls of probes and penalties.
+    """
+    return _PROBING.get()
 
 
 class _BatchLossModule(nn.Module):
@@ -226,6 +238,24 @@ class ProbeObjective:
             all_reduce=all_reduce,
         )
 
+    def with_normalization(
+        self, normalization: Literal["native", "plain"]
+    ) -> ProbeObjective:
+        """The same loss on the same chunks, with normalization layers evaluated so."""
+        if normalization == self.normalization:
+            return self
+        return ProbeObjective(
+            self.module,
+            self.chunks,
+            batch_loss=self._wrapper.batch_loss,
+            reduction=self.reduction,  # type: ignore[arg-type]
+            dtype=self._cast,
+            train_mode=self.train_mode,
+            seed=self.seed,
+            normalization=normalization,
+            all_reduce=self.all_reduce,
+        )
+
     # -- points of parameter space -------------------------------------------------
 
     def point(self) -> Tensor:
@@ -288,7 +318,11 @@ class ProbeObjective:
                 if self.normalization == "plain"
                 else nullcontext(),
             ):
-                loss = functional_call(self._wrapper, state, (batch,))
+                token = _PROBING.set(True)
+                try:
+                    loss = functional_call(self._wrapper, state, (batch,))
+                finally:
+                    _PROBING.reset(token)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss)
                 raise ValueError(

@@ -12,12 +12,12 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_eos.curvature.objective import probing
 from lightning_eos.curvature.thresholds import StabilityThreshold
 from lightning_eos.optim._closure import (
     BackwardRequest,
     ClosureCalls,
     check_trainer,
-    current_backward_request,
     split_lightning_closure,
 )
 
@@ -193,6 +193,9 @@ class Derivatives:
         self.params = [p for p in optimizer._parameters() if p.requires_grad]
         want_graph = graph or products == "exact"
         self.outputs: list[Any] = []
+        #: Whether the module's outputs are recorded (Gauss-Newton curvature, which
+        #: has no finite-difference form).
+        self.capture = capture is not None
         handle = None
         if capture is not None:
             handle = capture.register_forward_hook(self._record_output)
@@ -271,14 +274,13 @@ class Derivatives:
     # -- internals ---------------------------------------------------------------------
 
     def _record_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        """Keep the outputs of training_step's forward call, before its backward.
+        """Keep the outputs of training_step's forward call.
 
-        Forward calls after the backward pass (a callback evaluating a penalty on
-        copies of the parameters in ``on_after_backward``) are not the outputs of
-        the loss.
+        Forward calls of a :class:`~lightning_eos.curvature.ProbeObjective` (a
+        penalty evaluated on copies of the parameters, in the closure or in a
+        callback) are not the outputs of the loss.
         """
-        request = current_backward_request()
-        if request is None or request.loss is None:
+        if not probing():
             self.outputs.append(output)
 
     def _added_gradient(self, request: BackwardRequest) -> Tensor | None:
@@ -324,7 +326,8 @@ class Derivatives:
             "LightningModule add one line to the class body: `backward = "
             "lightning_eos.optim.backward_with_graph`; in a plain closure call "
             "`lightning_eos.optim.closure_backward(loss)` instead of "
-            "`loss.backward()`. Or pass hessian_products='finite_difference'."
+            "`loss.backward()`."
+            + ("" if self.capture else " Or pass hessian_products='finite_difference'.")
         )
 
 

@@ -75,15 +75,17 @@ class OutputProducts:
             loss_gradient = loss_gradient - derivatives.added_gradient
         gradient = self.vjp(self.residual.detach())
         error = float((gradient - loss_gradient).norm())
-        scale = float(loss_gradient.norm())
+        # The subtraction loses the digits of the whole gradient, not of ∇L's.
+        scale = float(derivatives.gradient.norm())
         tolerance = 10 * math.sqrt(torch.finfo(gradient.dtype).eps) * max(scale, 1e-30)
         if error > tolerance:
             raise RuntimeError(
                 f"{name}: the loss depends on the parameters other than through the "
                 "recorded outputs (Jᵀ∇_f ℓ differs from ∇L by "
                 f"{error / max(scale, 1e-30):.1e} relative): for example a penalty on "
-                "the weights added in training_step. Gauss-Newton curvature needs "
-                "L(θ) = ℓ(f(θ))."
+                "the weights added in training_step (attach it with "
+                "lightning_eos.penalties.PenaltyCallback instead, which keeps its "
+                "gradient apart). Gauss-Newton curvature needs L(θ) = ℓ(f(θ))."
             )
 
     def jvp(self, vector: Tensor) -> Tensor:

@@ -41,7 +41,9 @@ class PenaltyTerm:
     ``loss + term()`` then adds the penalty's gradient, and a backward pass with
     ``create_graph=True`` its curvature. It is evaluated on the objective's data
     in one pass with graph, so its memory is that of all the data at once, not of
-    one chunk.
+    one chunk. Normalization layers are evaluated in plain tensor operations
+    (``ProbeObjective(normalization="plain")``), whose derivatives are exact to
+    every order.
 
     Args:
         objectives: The losses whose derivatives make the term (one per minibatch
@@ -49,7 +51,9 @@ class PenaltyTerm:
     """
 
     def __init__(self, objectives: Sequence[ProbeObjective]) -> None:
-        self.objectives = list(objectives)
+        # Differentiating the term twice takes third derivatives of L, which
+        # PyTorch's fused normalization kernels get wrong: use the plain formulas.
+        self.objectives = [o.with_normalization("plain") for o in objectives]
 
     def __call__(self, parameters: Sequence[Tensor] | None = None) -> Tensor:
         """The term at ``parameters`` (default: the module's current parameters)."""

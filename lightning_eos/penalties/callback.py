@@ -250,6 +250,9 @@ class PenaltyCallback(CurvatureCallback):
             )
         optimizer = optimizers[0]
         name = type(optimizer).__name__
+        # A callback may serve several fits: nothing of a previous one's steps.
+        self._micro_batches, self._batch_step = [], -1
+        self._recorded_step, self._term_step, self._term = -1, -1, None
         self._through_objective = False
         if isinstance(optimizer, ClosureOptimizer):
             # The optimizer would refuse these settings at its first step; with
@@ -303,13 +306,24 @@ class PenaltyCallback(CurvatureCallback):
                 "(set `has_term = True` and return `PenaltyResult(term=...)` from "
                 "`evaluate`). Use a first-order optimizer with it."
             )
-        if isinstance(optimizer, GaussNewton) and any(
-            group["damping"] == 0 for group in optimizer.param_groups
-        ):
-            raise MisconfigurationException(
-                f"PenaltyCallback with {name}(damping=0): the penalty's gradient "
-                "need not lie in the row space of the Jacobian, where undamped "
-                "Gauss-Newton has no curvature. Use damping > 0."
+        if isinstance(optimizer, GaussNewton):
+            damping = min(group["damping"] for group in optimizer.param_groups)
+            if damping == 0:
+                raise MisconfigurationException(
+                    f"PenaltyCallback with {name}(damping=0): the penalty's gradient "
+                    "need not lie in the row space of the Jacobian, where undamped "
+                    "Gauss-Newton has no curvature. Use damping > 0."
+                )
+            lr = max(group["lr"] for group in optimizer.param_groups)
+            self.warn_once(
+                "gauss-newton",
+                f"PenaltyCallback with {name}: the penalty's curvature is left out "
+                "of the Gauss-Newton matrix, so the part of its gradient outside "
+                "the row space of the Jacobian is stepped with lr/damping = "
+                f"{lr / damping:.3g}, and this optimizer has no line search to "
+                "stop it: a small damping can make the run diverge. "
+                "HessianFree(curvature='gauss_newton') adapts its damping and "
+                "searches along its step.",
             )
 
     # -- hooks -----------------------------------------------------------------------
@@ -390,7 +404,16 @@ class PenaltyCallback(CurvatureCallback):
             return
         if trainer.global_step != self._term_step:  # the step's first closure call
             self._term_step = trainer.global_step
-            self._term = self._evaluate(trainer, pl_module, trainer.optimizers[0])[1]
+            _, term, result = self._evaluate(trainer, pl_module, trainer.optimizers[0])
+            if result is not None and not isinstance(term, PenaltyTerm):
+                raise TypeError(
+                    f"{type(self.penalty).__name__}.evaluate returned an active "
+                    f"penalty with term={term!r}: with a second-order optimizer, "
+                    "PenaltyCallback needs PenaltyResult.term to be a PenaltyTerm "
+                    "(lightning_eos.penalties), the penalty as a function of the "
+                    "parameters."
+                )
+            self._term = term
         if self._term is None:
             return
         mode = request.mode if request.honoured else "plain"

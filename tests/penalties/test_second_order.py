@@ -185,7 +185,8 @@ def test_gauss_newton_step_is_the_damped_step_on_the_penalized_gradient(tmp_path
     step = -0.5 * torch.linalg.solve(matrix, jacobian.T @ residual + penalty.gradient)
 
     callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
-    fit(tmp_path, module, [callback], steps=1)
+    with pytest.warns(UserWarning, match="left out of the Gauss-Newton matrix"):
+        fit(tmp_path, module, [callback], steps=1)
     torch.testing.assert_close(flat(module), flat(start) + step, rtol=1e-8, atol=1e-11)
 
 
@@ -432,3 +433,68 @@ def test_optimizer_sees_the_loss_gradient_and_curvature_of_the_term(
     trial = theta + 0.1 * vector
     expected_trial = float(loss(trial)) + float(penalty(trial).detach())
     assert seen["trial"] == pytest.approx(expected_trial, rel=1e-10)
+
+
+class TermlessGradientNorm(GradientNormPenalty):
+    """A user's penalty that claims a term and forgets to return it."""
+
+    name = "termless"
+
+    def evaluate(self, objective, step_size=None):
+        result = super().evaluate(objective, step_size)
+        result.term = None
+        return result
+
+
+def test_active_penalty_without_its_term_fails_before_any_parameter_changes(tmp_path):
+    module = SecondOrder(OPTIMIZERS["newton-cg"])
+    start = flat(module)
+    callback = PenaltyCallback(TermlessGradientNorm(0.3), loss_fn=half_squared_error)
+    with pytest.raises(
+        TypeError, match=r"needs PenaltyResult\.term to be a PenaltyTerm"
+    ):
+        fit(tmp_path, module, [callback], steps=1)
+    assert torch.equal(flat(module), start)
+
+
+@pytest.mark.parametrize("name", ["sgd", "newton-cg"])
+def test_a_callback_reused_for_a_second_fit_penalizes_the_new_batch(tmp_path, name):
+    torch.manual_seed(0)
+    module = (
+        Regressor(lr=0.05) if name == "sgd" else SecondOrder(OPTIMIZERS["newton-cg"])
+    )
+    callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
+    fit(tmp_path, module, [callback], steps=1)
+    other = regression_data(seed=1)
+    expected = GradientNormPenalty(0.3).evaluate(
+        ProbeObjective(module, [other.tensors], loss_fn=half_squared_error)
+    )
+    run = trainer(tmp_path, [callback], 1)
+    run.fit(module, loader(other))
+    assert [r.step for r in callback.history] == [0, 0]
+    assert callback.history[-1].value == pytest.approx(expected.value, rel=1e-12)
+
+
+def test_gauss_newton_warns_of_the_step_the_penalty_gets_without_curvature(tmp_path):
+    module = SecondOrder(lambda p: GaussNewton(p, lr=0.5, damping=1e-3))
+    callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
+    with pytest.warns(UserWarning, match=r"lr/damping = 500.*line search"):
+        fit(tmp_path, module, [callback], steps=1)
+
+
+def test_gauss_newton_in_a_plain_loop_names_the_way_to_attach_a_term():
+    torch.manual_seed(0)
+    model = Regressor().net
+    inputs, targets = regression_data().tensors
+    optimizer = GaussNewton(model.parameters(), damping=0.1).attach(model)
+    objective = ProbeObjective(model, [(inputs, targets)], loss_fn=half_squared_error)
+    term = GradientNormPenalty(0.3).evaluate(objective).term
+
+    def closure():
+        optimizer.zero_grad()
+        loss = half_squared_error(model(inputs), targets) + term()
+        closure_backward(loss)
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"attach it with .*PenaltyCallback"):
+        optimizer.step(closure)

@@ -199,3 +199,29 @@ def test_term_needs_the_parameters_of_the_objective():
     result = GradientNormPenalty(0.3).evaluate(objective_for(model, inputs, targets))
     with pytest.raises(ValueError, match="needs the 4 trainable parameter tensors"):
         result.term(list(model.parameters())[:2])
+
+
+@pytest.mark.parametrize("layer", ["batch_norm", "layer_norm"])
+def test_gradient_norm_term_is_exact_through_normalization_layers(layer):
+    """Its Hessian takes third derivatives of L, wrong in the fused kernels."""
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(4) if layer == "batch_norm" else nn.LayerNorm(4)
+    model = nn.Sequential(nn.Linear(3, 4), norm, nn.Tanh(), nn.Linear(4, 2)).double()
+    _, inputs, targets = model_and_data()
+    objective = ProbeObjective(model, [(inputs, targets)], loss_fn=half_squared_error)
+    result = GradientNormPenalty(0.3).evaluate(objective)
+    value = term_of_flat(result.term, model)
+
+    def gradient(theta):
+        theta = theta.detach().requires_grad_(True)
+        return torch.autograd.grad(value(theta), theta)[0]
+
+    theta = flat_params(model)
+    h = 1e-5
+    columns = [
+        (gradient(theta + h * e) - gradient(theta - h * e)) / (2 * h)
+        for e in torch.eye(theta.numel(), dtype=theta.dtype)
+    ]
+    expected = torch.stack(columns, dim=1)
+    got = torch.autograd.functional.hessian(value, theta)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
