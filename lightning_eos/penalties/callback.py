@@ -21,7 +21,7 @@ from lightning_eos.callbacks._probe_set import draw_probe_set
 from lightning_eos.curvature._batches import batch_size, slice_batch
 from lightning_eos.curvature.objective import ProbeObjective
 from lightning_eos.optim._base import ClosureOptimizer
-from lightning_eos.optim._closure import current_backward_request
+from lightning_eos.optim._closure import BackwardRequest, current_backward_request
 from lightning_eos.optim.gauss_newton import GaussNewton
 from lightning_eos.penalties._base import Penalty, PenaltyResult
 from lightning_eos.penalties._terms import PenaltyTerm
@@ -414,14 +414,22 @@ class PenaltyCallback(CurvatureCallback):
                     "parameters."
                 )
             self._term = term
-        if self._term is None:
-            return
+        if self._term is not None:
+            self._add_term(self._term, request, pl_module)
+
+    def _add_term(
+        self,
+        term: PenaltyTerm,
+        request: BackwardRequest,
+        pl_module: pl.LightningModule,
+    ) -> None:
+        """Add the term's value to this call's loss and its gradient to ``.grad``."""
         mode = request.mode if request.honoured else "plain"
         named = dict(pl_module.named_parameters())
-        tensors = [named[name] for name in self._term.objectives[0].names]
+        tensors = [named[name] for name in term.objectives[0].names]
         with torch.enable_grad():
-            value = self._term(tensors)
-            if mode == "skip":
+            value = term(tensors)
+            if mode == "skip":  # a line-search trial: the value alone
                 request.add_term(float(value.detach()))
                 return
             keep = mode == "graph"  # .grad carries the graph of L: keep it
