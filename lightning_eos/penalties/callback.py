@@ -21,9 +21,9 @@ from lightning_eos.callbacks._probe_set import draw_probe_set
 from lightning_eos.curvature._batches import batch_size, slice_batch
 from lightning_eos.curvature.objective import ProbeObjective
 from lightning_eos.optim._base import ClosureOptimizer
-from lightning_eos.optim._closure import BackwardRequest, current_backward_request
-from lightning_eos.optim.gauss_newton import GaussNewton
+from lightning_eos.optim._closure import current_backward_request
 from lightning_eos.penalties._base import Penalty, PenaltyResult
+from lightning_eos.penalties._objective_term import add_term, check_second_order
 from lightning_eos.penalties._terms import PenaltyTerm
 from lightning_eos.penalties.central_flow import CentralFlowPenalty
 
@@ -259,7 +259,7 @@ class PenaltyCallback(CurvatureCallback):
             # the penalty attached, refuse them now, before anything is evaluated.
             optimizer.check_trainer(trainer)
         if isinstance(optimizer, ClosureOptimizer) and optimizer.second_order:
-            self._check_second_order(optimizer)
+            check_second_order(self.penalty, optimizer, self.warn_once)
             # The penalty becomes a term of the objective of every closure call:
             # the optimizer's loss values, gradients and curvature are of L + P.
             self._through_objective = True
@@ -294,36 +294,6 @@ class PenaltyCallback(CurvatureCallback):
                 "CentralFlowPenalty's projection rule assumes a gradient-descent "
                 f"step θ⁺ = θ − η·g; with {name} (or momentum) the sharpness is held "
                 "at 2/target_lr only approximately.",
-            )
-
-    def _check_second_order(self, optimizer: ClosureOptimizer) -> None:
-        name = type(optimizer).__name__
-        penalty = type(self.penalty).__name__
-        if not self.penalty.has_term:
-            raise MisconfigurationException(
-                f"PenaltyCallback adds the penalty to the objective of {name}, which "
-                f"differentiates it twice, but {penalty} returns no PenaltyTerm "
-                "(set `has_term = True` and return `PenaltyResult(term=...)` from "
-                "`evaluate`). Use a first-order optimizer with it."
-            )
-        if isinstance(optimizer, GaussNewton):
-            damping = min(group["damping"] for group in optimizer.param_groups)
-            if damping == 0:
-                raise MisconfigurationException(
-                    f"PenaltyCallback with {name}(damping=0): the penalty's gradient "
-                    "need not lie in the row space of the Jacobian, where undamped "
-                    "Gauss-Newton has no curvature. Use damping > 0."
-                )
-            lr = max(group["lr"] for group in optimizer.param_groups)
-            self.warn_once(
-                "gauss-newton",
-                f"PenaltyCallback with {name}: the penalty's curvature is left out "
-                "of the Gauss-Newton matrix, so the part of its gradient outside "
-                "the row space of the Jacobian is stepped with lr/damping = "
-                f"{lr / damping:.3g}, and this optimizer has no line search to "
-                "stop it: a small damping can make the run diverge. "
-                "HessianFree(curvature='gauss_newton') adapts its damping and "
-                "searches along its step.",
             )
 
     # -- hooks -----------------------------------------------------------------------
@@ -415,46 +385,7 @@ class PenaltyCallback(CurvatureCallback):
                 )
             self._term = term
         if self._term is not None:
-            self._add_term(self._term, request, pl_module)
-
-    def _add_term(
-        self,
-        term: PenaltyTerm,
-        request: BackwardRequest,
-        pl_module: pl.LightningModule,
-    ) -> None:
-        """Add the term's value to this call's loss and its gradient to ``.grad``."""
-        mode = request.mode if request.honoured else "plain"
-        named = dict(pl_module.named_parameters())
-        tensors = [named[name] for name in term.objectives[0].names]
-        with torch.enable_grad():
-            value = term(tensors)
-            if mode == "skip":  # a line-search trial: the value alone
-                request.add_term(float(value.detach()))
-                return
-            keep = mode == "graph"  # .grad carries the graph of L: keep it
-            pieces = torch.autograd.grad(
-                value,
-                tensors,
-                create_graph=keep and self.term_curvature,
-                allow_unused=True,
-            )
-        added = []
-        for parameter, piece in zip(tensors, pieces, strict=True):
-            if piece is None:
-                continue
-            if keep:  # the optimizer differentiates .grad again
-                grad = parameter.grad
-                parameter.grad = piece if grad is None else grad + piece
-            else:
-                piece = piece.detach()
-                with torch.no_grad():
-                    if parameter.grad is None:
-                        parameter.grad = piece.clone()
-                    else:
-                        parameter.grad.add_(piece)
-            added.append((parameter, piece.detach()))
-        request.add_term(float(value.detach()), added)
+            add_term(self._term, request, pl_module, self.term_curvature)
 
     @override
     def on_before_optimizer_step(
