@@ -284,12 +284,18 @@ class ProbeObjective:
 
     # -- evaluation ------------------------------------------------------------------
 
-    def chunk_losses(self, flat_point: Tensor | Sequence[Tensor]) -> Iterator[Tensor]:
+    def chunk_losses(
+        self,
+        flat_point: Tensor | Sequence[Tensor],
+        constants: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None,
+    ) -> Iterator[Tensor]:
         """Yield the weighted loss ``w_c ℓ(θ; B_c)`` of each local chunk, with graph.
 
         Args:
             flat_point: θ as a flat vector, or as parameter-shaped tensors (pass
                 leaf tensors with ``requires_grad=True`` to differentiate).
+            constants: The frozen parameters and buffers to use, as returned by
+                :meth:`constants`; by default the module's current ones.
         """
         tensors = (
             self.split(flat_point)
@@ -297,7 +303,7 @@ class ProbeObjective:
             else list(flat_point)
         )
         variables = {f"module.{n}": t for n, t in zip(self.names, tensors, strict=True)}
-        frozen, buffers = self._constants()
+        frozen, buffers = self.constants() if constants is None else constants
         for index, (chunk, size) in enumerate(
             zip(self.chunks, self.local_sizes, strict=True)
         ):
@@ -352,8 +358,13 @@ class ProbeObjective:
         params = dict(self.module.named_parameters())
         return [params[name] for name in self.names]
 
-    def _constants(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def constants(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Frozen parameters and buffers, cast to the probe type, keyed for the wrapper.
+
+        They are detached from the module's tensors but share their memory unless
+        cast: clone them to keep a snapshot that a later :meth:`chunk_losses`
+        call can use whatever happens to the module's buffers in between (running
+        statistics moved by a training forward pass).
 
         Returns:
             The frozen parameters and the buffers, as two dictionaries.

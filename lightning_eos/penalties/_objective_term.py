@@ -9,11 +9,11 @@ the backward pass the optimizer asked for.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_eos.optim._base import ClosureOptimizer
 from lightning_eos.optim._closure import BackwardRequest
@@ -67,7 +67,8 @@ def add_term(
     request: BackwardRequest,
     module: nn.Module,
     curvature: bool,
-) -> None:
+    held: Sequence[Tensor | None] | None = None,
+) -> list[Tensor | None] | None:
     """Add the term to the objective of the closure call under way.
 
     The value goes to the loss the optimizer receives (through
@@ -75,13 +76,20 @@ def add_term(
     to ``.grad``: with the term's own graph when the optimizer asked for a backward
     pass with graph and ``curvature`` is true, so that its Hessian-vector products
     are those of :math:`L + s`; without it otherwise. A skipped backward pass (a
-    line-search trial) gets the value alone.
+    line-search trial) gets the value alone. Without ``curvature``, a plain
+    backward pass after the step's first call (a finite-difference product at a
+    shifted point) gets the gradient ``held`` from that first call, so that those
+    products leave the term's curvature out too.
 
     Args:
         term: The penalty's term, frozen at the step's first closure call.
         request: The backward request of the call.
         module: The module whose parameters the term is a function of.
         curvature: Whether the term's curvature enters the optimizer's products.
+        held: The gradient pieces returned by the step's first call.
+
+    Returns:
+        The gradient pieces added (``None`` for a skipped backward pass).
     """
     mode = request.mode if request.honoured else "plain"
     named = dict(module.named_parameters())
@@ -90,11 +98,16 @@ def add_term(
         value = term(tensors)
         if mode == "skip":
             request.add_term(float(value.detach()))
-            return
+            return None
         keep = mode == "graph"  # .grad carries the graph of L: keep it
-        pieces = torch.autograd.grad(
-            value, tensors, create_graph=keep and curvature, allow_unused=True
-        )
+        if held is not None and not curvature and not keep:
+            pieces = list(held)
+        else:
+            pieces = list(
+                torch.autograd.grad(
+                    value, tensors, create_graph=keep and curvature, allow_unused=True
+                )
+            )
     added = []
     for parameter, piece in zip(tensors, pieces, strict=True):
         if piece is None:
@@ -111,3 +124,4 @@ def add_term(
                     parameter.grad.add_(piece)
         added.append((parameter, piece.detach()))
     request.add_term(float(value.detach()), added)
+    return [None if piece is None else piece.detach() for piece in pieces]

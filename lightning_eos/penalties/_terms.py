@@ -43,7 +43,8 @@ class PenaltyTerm:
     in one pass with graph, so its memory is that of all the data at once, not of
     one chunk. Normalization layers are evaluated in plain tensor operations
     (``ProbeObjective(normalization="plain")``), whose derivatives are exact to
-    every order.
+    every order, and buffers (BatchNorm running statistics, used in eval mode)
+    and frozen parameters are held as they were when the term was made.
 
     Args:
         objectives: The losses whose derivatives make the term (one per minibatch
@@ -54,6 +55,13 @@ class PenaltyTerm:
         # Differentiating the term twice takes third derivatives of L, which
         # PyTorch's fused normalization kernels get wrong: use the plain formulas.
         self.objectives = [o.with_normalization("plain") for o in objectives]
+        # The buffers as they are now: later closure calls of the step run training
+        # forward passes that move running statistics before the term is evaluated.
+        frozen, buffers = self.objectives[0].constants()
+        self.constants = (
+            {k: v.clone() for k, v in frozen.items()},
+            {k: v.clone() for k, v in buffers.items()},
+        )
 
     def __call__(self, parameters: Sequence[Tensor] | None = None) -> Tensor:
         """The term at ``parameters`` (default: the module's current parameters)."""
@@ -90,7 +98,7 @@ class GradientNormTerm(PenaltyTerm):
     def _value(self, parameters: list[Tensor]) -> Tensor:
         total = None
         for objective, weight in zip(self.objectives, self.weights, strict=True):
-            _, gradient = _gradient(objective, parameters)
+            _, gradient = _gradient(objective, parameters, self.constants)
             squared = weight * sum(g.square().sum() for g in gradient)
             total = squared if total is None else total + squared
         assert total is not None
@@ -120,7 +128,7 @@ class CurvatureTerm(PenaltyTerm):
 
     def _value(self, parameters: list[Tensor]) -> Tensor:
         objective = self.objectives[0]
-        point, gradient = _gradient(objective, parameters)
+        point, gradient = _gradient(objective, parameters, self.constants)
         flat = objective.flatten(gradient)
         vectors = self.vectors.to(dtype=flat.dtype, device=flat.device)
         total = None
@@ -136,11 +144,13 @@ class CurvatureTerm(PenaltyTerm):
 
 
 def _gradient(
-    objective: ProbeObjective, parameters: list[Tensor]
+    objective: ProbeObjective,
+    parameters: list[Tensor],
+    constants: tuple[dict[str, Tensor], dict[str, Tensor]],
 ) -> tuple[list[Tensor], list[Tensor]]:
     """∇L at ``parameters`` with its graph, and the cast parameters it is taken at."""
     point = [p.to(objective.dtype) for p in parameters]
-    loss = sum(objective.chunk_losses(point))
+    loss = sum(objective.chunk_losses(point, constants))
     assert isinstance(loss, Tensor)
     gradient = torch.autograd.grad(loss, point, create_graph=True, allow_unused=True)
     return point, _zeros_for_none(gradient, point)

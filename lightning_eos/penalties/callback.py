@@ -169,7 +169,9 @@ class PenaltyCallback(CurvatureCallback):
         term_curvature: With a second-order optimizer, whether its Hessian-vector
             products include the penalty's curvature (exact; each product then
             differentiates the term's gradient once more) or leave it out, as
-            Gauss-Newton curvature does (the value and gradient still enter).
+            Gauss-Newton curvature does (the value and gradient still enter;
+            finite-difference products get the term's gradient held at the
+            step's start).
 
     Raises:
         ValueError: At construction, for an argument outside its range.
@@ -231,6 +233,7 @@ class PenaltyCallback(CurvatureCallback):
         self._hooked: tuple[ClosureOptimizer, Callable[[], None]] | None = None
         self._through_objective = False
         self._term: PenaltyTerm | None = None
+        self._term_gradient: list[Tensor | None] | None = None
         self._term_step = -1
 
     @property
@@ -252,7 +255,8 @@ class PenaltyCallback(CurvatureCallback):
         name = type(optimizer).__name__
         # A callback may serve several fits: nothing of a previous one's steps.
         self._micro_batches, self._batch_step = [], -1
-        self._recorded_step, self._term_step, self._term = -1, -1, None
+        self._recorded_step, self._term_step = -1, -1
+        self._term, self._term_gradient = None, None
         self._through_objective = False
         if isinstance(optimizer, ClosureOptimizer):
             # The optimizer would refuse these settings at its first step; with
@@ -383,9 +387,17 @@ class PenaltyCallback(CurvatureCallback):
                     "(lightning_eos.penalties), the penalty as a function of the "
                     "parameters."
                 )
-            self._term = term
+            self._term, self._term_gradient = term, None
         if self._term is not None:
-            add_term(self._term, request, pl_module, self.term_curvature)
+            pieces = add_term(
+                self._term,
+                request,
+                pl_module,
+                self.term_curvature,
+                self._term_gradient,
+            )
+            if self._term_gradient is None:
+                self._term_gradient = pieces
 
     @override
     def on_before_optimizer_step(
@@ -415,6 +427,12 @@ class PenaltyCallback(CurvatureCallback):
         """
         objective = self._objective(trainer, pl_module)
         result = self.penalty.evaluate(objective, self._step_size(optimizer))
+        if tuple(result.gradient.shape) != (objective.dim,):
+            raise ValueError(
+                f"{type(self.penalty).__name__}.evaluate returned a gradient of shape "
+                f"{tuple(result.gradient.shape)}; the module has {objective.dim} "
+                "trainable parameters, so it must be a flat vector of that length."
+            )
         self.num_evaluations += 1
         finite = math.isfinite(result.value) and bool(
             torch.isfinite(result.gradient).all()
@@ -450,7 +468,8 @@ class PenaltyCallback(CurvatureCallback):
             if hook in optimizer.gradient_hooks:
                 optimizer.gradient_hooks.remove(hook)
             self._hooked = None
-        self._term, self._term_step = None, -1  # holds the step's data: let it go
+        # The term holds the step's data: let it go.
+        self._term, self._term_gradient, self._term_step = None, None, -1
         super().teardown(trainer, pl_module, stage)
 
     # -- checkpoint state -------------------------------------------------------------

@@ -345,14 +345,14 @@ class Probe(ClosureOptimizer):
 
     second_order = True
 
-    def __init__(self, params, vector):
+    def __init__(self, params, vector, products="exact"):
         super().__init__(params, {"lr": 0.1})
-        self.vector = vector
+        self.vector, self.products = vector, products
         self.seen = {}
 
     @torch.no_grad()
     def step(self, closure=None):
-        derivatives = Derivatives(self, self._begin(closure), "exact")
+        derivatives = Derivatives(self, self._begin(closure), self.products, 1e-6)
         trial = derivatives.point + 0.1 * self.vector
         self.seen = {
             "loss": float(derivatives.loss),
@@ -386,16 +386,17 @@ def dense_objective(module, mu_u=None):
     return loss, penalty
 
 
+@pytest.mark.parametrize("products", ["exact", "finite_difference"])
 @pytest.mark.parametrize("term_curvature", [True, False], ids=["exact", "left-out"])
 @pytest.mark.parametrize("name", ["gradient-norm", "sharpness"])
 def test_optimizer_sees_the_loss_gradient_and_curvature_of_the_term(
-    tmp_path, name, term_curvature
+    tmp_path, name, term_curvature, products
 ):
     torch.manual_seed(0)
     module = SecondOrder(lambda p: p)
     theta = flat(module)
     vector = torch.randn(theta.shape, dtype=theta.dtype)
-    module.make_optimizer = lambda params: Probe(params, vector)
+    module.make_optimizer = lambda params: Probe(params, vector, products)
     loss, _ = dense_objective(module)
     u = torch.linalg.eigh(torch.autograd.functional.hessian(loss, theta))[1][:, -1]
     mu_u = None if name == "gradient-norm" else (0.05, u)
@@ -429,7 +430,11 @@ def test_optimizer_sees_the_loss_gradient_and_curvature_of_the_term(
         rtol=1e-9,
         atol=1e-12,
     )
-    torch.testing.assert_close(seen["product"], expected_product, rtol=1e-8, atol=1e-11)
+    # Finite differences with a relative step of 1e-6: error O(h) ≈ 1e-6 of the norm.
+    tolerance = 1e-9 if products == "exact" else 1e-5
+    error = (seen["product"] - expected_product).norm() / expected_product.norm()
+    assert error < tolerance
+    assert product(penalty).norm() > 100 * tolerance * expected_product.norm()
     trial = theta + 0.1 * vector
     expected_trial = float(loss(trial)) + float(penalty(trial).detach())
     assert seen["trial"] == pytest.approx(expected_trial, rel=1e-10)
@@ -498,3 +503,45 @@ def test_gauss_newton_in_a_plain_loop_names_the_way_to_attach_a_term():
 
     with pytest.raises(RuntimeError, match=r"attach it with .*PenaltyCallback"):
         optimizer.step(closure)
+
+
+def test_eval_mode_term_is_the_same_function_at_every_closure_call(tmp_path):
+    """BatchNorm running statistics move in each training forward of the step."""
+    runs = {}
+    for products in ("exact", "finite_difference"):
+        torch.manual_seed(0)
+        module = SecondOrder(
+            lambda p, products=products: NewtonCG(
+                p, lr=1.0, hessian_products=products, fd_step=1e-6
+            ),
+            batch_norm=True,
+        )
+        callback = PenaltyCallback(
+            GradientNormPenalty(0.3), loss_fn=half_squared_error, mode="eval"
+        )
+        fit(tmp_path, module, [callback], steps=3)
+        runs[products] = flat(module)
+    # Finite-difference products are off by O(h): 1e-6 relative steps.
+    torch.testing.assert_close(
+        runs["finite_difference"], runs["exact"], rtol=1e-4, atol=1e-6
+    )
+
+
+class WrongSizeGradient(Penalty):
+    has_term = True
+
+    def evaluate(self, objective, step_size=None):
+        gradient = torch.zeros(objective.dim + 1, dtype=torch.float64)
+        return PenaltyResult(1.0, gradient, active=True)
+
+
+@pytest.mark.parametrize("name", ["sgd", "newton-cg"])
+def test_a_gradient_of_the_wrong_size_is_refused_at_the_first_step(tmp_path, name):
+    module = (
+        Regressor(lr=0.05) if name == "sgd" else SecondOrder(OPTIMIZERS["newton-cg"])
+    )
+    start = flat(module)
+    callback = PenaltyCallback(WrongSizeGradient(), loss_fn=half_squared_error)
+    with pytest.raises(ValueError, match=r"gradient of shape \(75,\).*74 trainable"):
+        fit(tmp_path, module, [callback], steps=1)
+    assert torch.equal(flat(module), start)

@@ -225,3 +225,23 @@ def test_gradient_norm_term_is_exact_through_normalization_layers(layer):
     expected = torch.stack(columns, dim=1)
     got = torch.autograd.functional.hessian(value, theta)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_term_holds_the_buffers_it_was_made_with():
+    """Running statistics moved after the evaluation do not move the term."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)
+    ).double()
+    _, inputs, targets = model_and_data()
+    model.train()
+    model(inputs)  # running statistics away from their initial values
+    objective = ProbeObjective(
+        model, [(inputs, targets)], loss_fn=half_squared_error, train_mode=False
+    )
+    result = GradientNormPenalty(0.3).evaluate(objective)
+    model(inputs * 3 + 1)  # a training forward pass moves them again
+    value = float(result.term().detach())
+    assert value == pytest.approx(result.value, rel=1e-12)
+    moved = GradientNormPenalty(0.3).evaluate(objective).value
+    assert abs(moved - result.value) > 1e-6 * result.value  # the statistics matter
