@@ -75,8 +75,9 @@ def add_term(
     :meth:`~lightning_eos.optim._closure.BackwardRequest.add_term`); the gradient
     to ``.grad``: with the term's own graph when the optimizer asked for a backward
     pass with graph and ``curvature`` is true, so that its Hessian-vector products
-    are those of :math:`L + s`; without it otherwise. A skipped backward pass (a
-    line-search trial) gets the value alone. Without ``curvature``, a plain
+    are those of :math:`L + s`; without it otherwise, evaluated one chunk of the
+    term's data at a time. A skipped backward pass (a line-search trial) gets the
+    value alone, also by chunks. Without ``curvature``, a plain
     backward pass after the step's first call (a finite-difference product at a
     shifted point) gets the gradient ``held`` from that first call, so that those
     products leave the term's curvature out too.
@@ -94,20 +95,26 @@ def add_term(
     mode = request.mode if request.honoured else "plain"
     named = dict(module.named_parameters())
     tensors = [named[name] for name in term.objectives[0].names]
-    with torch.enable_grad():
-        value = term(tensors)
-        if mode == "skip":
-            request.add_term(float(value.detach()))
-            return None
-        keep = mode == "graph"  # .grad carries the graph of L: keep it
-        if held is not None and not curvature and not keep:
-            pieces = list(held)
-        else:
+    keep = mode == "graph"  # .grad carries the graph of L: keep it
+    if mode == "skip":
+        request.add_term(term.value(tensors))
+        return None
+    pieces: list[Tensor | None]
+    if keep and curvature:
+        # The optimizer differentiates .grad again: the term's whole graph.
+        with torch.enable_grad():
+            graph_value = term(tensors)
             pieces = list(
                 torch.autograd.grad(
-                    value, tensors, create_graph=keep and curvature, allow_unused=True
+                    graph_value, tensors, create_graph=True, allow_unused=True
                 )
             )
+        value = float(graph_value.detach())
+    elif held is not None and not curvature and not keep:
+        value, pieces = term.value(tensors), list(held)
+    else:  # one chunk at a time
+        value, gradient = term.value_and_gradient(tensors)
+        pieces = list(gradient)
     added = []
     for parameter, piece in zip(tensors, pieces, strict=True):
         if piece is None:
@@ -123,5 +130,5 @@ def add_term(
                 else:
                     parameter.grad.add_(piece)
         added.append((parameter, piece.detach()))
-    request.add_term(float(value.detach()), added)
+    request.add_term(value, added)
     return [None if piece is None else piece.detach() for piece in pieces]

@@ -39,9 +39,11 @@ class PenaltyTerm:
     of ``objective.names``; by default the module's own tensors) to get the
     penalty's value as a scalar tensor whose graph reaches them: ``backward`` on
     ``loss + term()`` then adds the penalty's gradient, and a backward pass with
-    ``create_graph=True`` its curvature. It is evaluated on the objective's data
-    in one pass with graph, so its memory is that of all the data at once, not of
-    one chunk. Normalization layers are evaluated in plain tensor operations
+    ``create_graph=True`` its curvature. A call holds the graph of all the
+    objective's chunks at once, which a second derivative of the term needs;
+    :meth:`value` and :meth:`value_and_gradient` give the value and the gradient
+    without a graph, one chunk at a time, so that their memory is that of one
+    chunk. Normalization layers are evaluated in plain tensor operations
     (``ProbeObjective(normalization="plain")``), whose derivatives are exact to
     every order, and buffers (BatchNorm running statistics, used in eval mode)
     and frozen parameters are held as they were when the term was made.
@@ -65,6 +67,33 @@ class PenaltyTerm:
 
     def __call__(self, parameters: Sequence[Tensor] | None = None) -> Tensor:
         """The term at ``parameters`` (default: the module's current parameters)."""
+        parameters = self._parameters(parameters)
+        with torch.enable_grad():
+            return self._value(parameters)
+
+    def value(self, parameters: Sequence[Tensor] | None = None) -> float:
+        """The term's value, one chunk at a time (memory of one chunk)."""
+        value, _ = self._chunked(self._point(parameters), gradient=False)
+        return value
+
+    def value_and_gradient(
+        self, parameters: Sequence[Tensor] | None = None
+    ) -> tuple[float, list[Tensor]]:
+        """The term's value and gradient, one chunk at a time, without a graph.
+
+        The gradient pieces have the shapes and types of ``parameters``. The
+        result equals ``term(parameters)`` and its gradient to rounding; its
+        memory is that of one chunk of the objective's data, not of all of it.
+        """
+        tensors = self._parameters(parameters)
+        value, gradient = self._chunked(self._point(tensors), gradient=True)
+        assert gradient is not None
+        return value, [
+            g.to(dtype=t.dtype, device=t.device)
+            for g, t in zip(gradient, tensors, strict=True)
+        ]
+
+    def _parameters(self, parameters: Sequence[Tensor] | None) -> list[Tensor]:
         objective = self.objectives[0]
         if parameters is None:
             parameters = objective._variable_tensors()
@@ -74,10 +103,22 @@ class PenaltyTerm:
                 f"The term needs the {len(objective.names)} trainable parameter "
                 f"tensors of the objective's module, got {len(parameters)}."
             )
-        with torch.enable_grad():
-            return self._value(parameters)
+        return parameters
+
+    def _point(self, parameters: Sequence[Tensor] | None) -> list[Tensor]:
+        """Detached leaf copies of the parameters in the objective's type."""
+        dtype = self.objectives[0].dtype
+        return [
+            p.detach().to(dtype).requires_grad_(True)
+            for p in self._parameters(parameters)
+        ]
 
     def _value(self, parameters: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def _chunked(
+        self, point: list[Tensor], gradient: bool
+    ) -> tuple[float, list[Tensor] | None]:
         raise NotImplementedError
 
 
@@ -103,6 +144,52 @@ class GradientNormTerm(PenaltyTerm):
             total = squared if total is None else total + squared
         assert total is not None
         return total
+
+    def _chunked(
+        self, point: list[Tensor], gradient: bool
+    ) -> tuple[float, list[Tensor] | None]:
+        # s = Σ_k a_k‖g_k‖² with g_k = Σ_c ∇ℓ_c; ∇s = Σ_k 2a_k Σ_c H_c g_k: one pass
+        # for each g_k, then one Hessian-vector product per chunk.
+        value = 0.0
+        total = [torch.zeros_like(p) for p in point] if gradient else None
+        with torch.enable_grad():
+            for objective, weight in zip(self.objectives, self.weights, strict=True):
+                if total is not None and len(objective.chunks) == 1:
+                    # One chunk: its graph is all there is; keep it for ∇s.
+                    (loss,) = objective.chunk_losses(point, self.constants)
+                    pieces = torch.autograd.grad(
+                        loss, point, create_graph=True, allow_unused=True
+                    )
+                    squared = sum(g.square().sum() for g in pieces if g is not None)
+                    assert isinstance(squared, Tensor)
+                    value += weight * float(squared.detach())
+                    if squared.requires_grad:
+                        product = torch.autograd.grad(squared, point, allow_unused=True)
+                        _accumulate(total, product, weight)
+                    continue
+                full = [torch.zeros_like(p) for p in point]
+                for loss in objective.chunk_losses(point, self.constants):
+                    pieces = torch.autograd.grad(loss, point, allow_unused=True)
+                    _accumulate(full, pieces)
+                value += weight * float(sum(g.square().sum() for g in full))
+                if total is None:
+                    continue
+                for loss in objective.chunk_losses(point, self.constants):
+                    pieces = _zeros_for_none(
+                        torch.autograd.grad(
+                            loss, point, create_graph=True, allow_unused=True
+                        ),
+                        point,
+                    )
+                    inner = sum(
+                        (piece * g).sum() for piece, g in zip(pieces, full, strict=True)
+                    )
+                    assert isinstance(inner, Tensor)
+                    if not inner.requires_grad:  # L is linear in the parameters
+                        continue
+                    product = torch.autograd.grad(inner, point, allow_unused=True)
+                    _accumulate(total, product, 2 * weight)
+        return value, total
 
 
 class CurvatureTerm(PenaltyTerm):
@@ -141,6 +228,55 @@ class CurvatureTerm(PenaltyTerm):
             total = weight * curvature if total is None else total + weight * curvature
         assert total is not None
         return total
+
+    def _chunked(
+        self, point: list[Tensor], gradient: bool
+    ) -> tuple[float, list[Tensor] | None]:
+        # s = Σ_c Σ_i a_i v_iᵀH_c v_i is a sum over chunks: each chunk's part and
+        # its gradient are taken, and its graph freed, before the next.
+        objective = self.objectives[0]
+        vectors = self.vectors.to(dtype=objective.dtype, device=point[0].device)
+        value = 0.0
+        total = [torch.zeros_like(p) for p in point] if gradient else None
+        with torch.enable_grad():
+            for loss in objective.chunk_losses(point, self.constants):
+                pieces = _zeros_for_none(
+                    torch.autograd.grad(
+                        loss, point, create_graph=True, allow_unused=True
+                    ),
+                    point,
+                )
+                flat = objective.flatten(pieces)
+                part = None
+                for vector, weight in zip(vectors, self.weights, strict=True):
+                    if not flat.requires_grad:  # L is linear: no curvature
+                        break
+                    products = torch.autograd.grad(
+                        flat @ vector,
+                        point,
+                        retain_graph=True,
+                        create_graph=gradient,
+                        allow_unused=True,
+                    )
+                    curvature = objective.flatten(_zeros_for_none(products, point))
+                    term = weight * (curvature @ vector)
+                    part = term if part is None else part + term
+                if part is None:
+                    continue
+                value += float(part.detach())
+                if total is not None and part.requires_grad:
+                    _accumulate(
+                        total, torch.autograd.grad(part, point, allow_unused=True)
+                    )
+        return value, total
+
+
+def _accumulate(
+    total: list[Tensor], pieces: Sequence[Tensor | None], scale: float = 1.0
+) -> None:
+    for into, piece in zip(total, pieces, strict=True):
+        if piece is not None:
+            into.add_(piece.detach(), alpha=scale)
 
 
 def _gradient(

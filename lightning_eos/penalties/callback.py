@@ -91,8 +91,11 @@ class PenaltyCallback(CurvatureCallback):
       take the penalty's gradient and leave its curvature out of their
       Gauss-Newton matrix. These optimizers refuse several processes and gradient
       accumulation themselves, and so the penalty with them runs on one process.
-      The term is evaluated on the penalty's data in one pass with graph:
-      ``chunk_size`` bounds the memory of the evaluation, not that of the term.
+      The term's value and gradient are taken one chunk at a time
+      (``chunk_size`` bounds their memory); only a backward pass that the
+      optimizer will differentiate again, with ``term_curvature=True``, holds
+      the term's graph on all of its data at once, as the optimizer's own graph
+      holds that of :math:`L` on the batch.
 
     Why not only a loss wrapper: a wrapper around the user's loss would need a
     backward pass with ``create_graph=True`` through every ``training_step``,

@@ -386,11 +386,12 @@ def dense_objective(module, mu_u=None):
     return loss, penalty
 
 
+@pytest.mark.parametrize("chunk_size", [None, 24], ids=["one-chunk", "chunks"])
 @pytest.mark.parametrize("products", ["exact", "finite_difference"])
 @pytest.mark.parametrize("term_curvature", [True, False], ids=["exact", "left-out"])
 @pytest.mark.parametrize("name", ["gradient-norm", "sharpness"])
 def test_optimizer_sees_the_loss_gradient_and_curvature_of_the_term(
-    tmp_path, name, term_curvature, products
+    tmp_path, name, term_curvature, products, chunk_size
 ):
     torch.manual_seed(0)
     module = SecondOrder(lambda p: p)
@@ -406,7 +407,10 @@ def test_optimizer_sees_the_loss_gradient_and_curvature_of_the_term(
     )
 
     callback = PenaltyCallback(
-        made, loss_fn=half_squared_error, term_curvature=term_curvature
+        made,
+        loss_fn=half_squared_error,
+        term_curvature=term_curvature,
+        chunk_size=chunk_size,  # 64 examples: three chunks of at most 24
     )
     fit(tmp_path, module, [callback], steps=1)
     seen = module.trainer.optimizers[0].seen

@@ -245,3 +245,65 @@ def test_term_holds_the_buffers_it_was_made_with():
     assert value == pytest.approx(result.value, rel=1e-12)
     moved = GradientNormPenalty(0.3).evaluate(objective).value
     assert abs(moved - result.value) > 1e-6 * result.value  # the statistics matter
+
+
+@pytest.mark.parametrize("make", PENALTIES.values(), ids=PENALTIES.keys())
+def test_chunked_value_and_gradient_equal_the_term_and_its_gradient(make):
+    model, inputs, targets = model_and_data()
+    objective = objective_for(model, inputs, targets, chunk=6)
+    term = make().evaluate(objective, step_size=0.1).term
+    # At a point away from the evaluation too: the same function everywhere.
+    for shift in (0.0, 0.05):
+        params = [
+            (p.detach() + shift * torch.ones_like(p)).requires_grad_(True)
+            for p in model.parameters()
+        ]
+        value = term(params)
+        expected = torch.autograd.grad(value, params)
+
+        chunked, gradient = term.value_and_gradient(params)
+
+        assert chunked == pytest.approx(float(value.detach()), rel=1e-12, abs=1e-15)
+        assert term.value(params) == pytest.approx(chunked, rel=1e-12, abs=1e-15)
+        for got, want in zip(gradient, expected, strict=True):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+        assert all(p.grad is None for p in params)
+
+
+def _peak_saved_elements(function):
+    """The most tensor elements autograd held for backward at once during a call."""
+    live, peak = [0], [0]
+
+    class Saved:
+        def __init__(self, tensor):
+            self.tensor = tensor
+            live[0] += tensor.numel()
+            peak[0] = max(peak[0], live[0])
+
+        def __del__(self):
+            live[0] -= self.tensor.numel()
+
+    with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
+        function()
+    return peak[0]
+
+
+@pytest.mark.parametrize("make", PENALTIES.values(), ids=PENALTIES.keys())
+def test_chunked_evaluation_holds_the_graph_of_one_chunk_only(make):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 2)).double()
+    inputs = torch.randn(96, 3, dtype=torch.float64)
+    targets = torch.randn(96, 2, dtype=torch.float64)
+
+    chunks = [(inputs[i : i + 12], targets[i : i + 12]) for i in range(0, 96, 12)]
+    objective = ProbeObjective(model, chunks, loss_fn=half_squared_error)
+    term = make().evaluate(objective, step_size=0.1).term
+    params = list(model.parameters())
+
+    whole = _peak_saved_elements(lambda: torch.autograd.grad(term(params), params))
+    chunked = _peak_saved_elements(lambda: term.value_and_gradient(params))
+
+    # Saved activations scale with the examples in a graph: one chunk of eight
+    # (or one minibatch of 14) holds about an eighth of all of them.
+    assert chunked < 0.3 * whole, (chunked, whole)
