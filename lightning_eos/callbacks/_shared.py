@@ -12,7 +12,7 @@ from typing_extensions import override
 from lightning_eos.callbacks._base import CurvatureCallback
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
 from lightning_eos.curvature.hessian import HessianOperator
-from lightning_eos.curvature.lanczos import Eigenpairs, lanczos
+from lightning_eos.curvature.lanczos import Eigenpairs, lanczos, warm_start
 
 Sharing = Literal["auto", "own"]
 #: Settings that must agree for two callbacks to probe the same loss.
@@ -106,7 +106,7 @@ class EigenpairSource:
             self.k,
             tol=self.tol,
             max_iter=self.max_iter,
-            init=self.vectors,
+            init=warm_start(self.vectors, operator.dim),
             block_size=min(self.k + self.extra, operator.dim),
             generator=generator,
             extra=self.extra,

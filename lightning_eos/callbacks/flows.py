@@ -18,7 +18,7 @@ from typing_extensions import override
 from lightning_eos._validation import check_int
 from lightning_eos.callbacks._base import _DTYPES, CurvatureCallback, _all_reduce
 from lightning_eos.curvature.hessian import HessianOperator
-from lightning_eos.curvature.lanczos import lanczos
+from lightning_eos.curvature.lanczos import lanczos, warm_start
 from lightning_eos.curvature.objective import ProbeObjective
 from lightning_eos.flows._base import FlowRecord, loss_and_gradient
 from lightning_eos.flows.central_flow import CentralFlow
@@ -377,7 +377,7 @@ class FlowMonitor(CurvatureCallback):
                 1,
                 tol=self.flow_options["tol"],
                 max_iter=self.flow_options["max_iter"],
-                init=self._gd_vectors,
+                init=warm_start(self._gd_vectors, operator.dim),
                 block_size=2,
                 generator=self.generator,
                 extra=1,

@@ -19,7 +19,7 @@ from lightning_eos.callbacks._base import (
     check_k_fits,
 )
 from lightning_eos.curvature.hessian import HessianOperator
-from lightning_eos.curvature.lanczos import lanczos
+from lightning_eos.curvature.lanczos import lanczos, warm_start
 from lightning_eos.curvature.preconditioned import (
     PreconditionedOperator,
     adaptive_preconditioner,
@@ -192,7 +192,7 @@ class PreconditionedSharpnessMonitor(CurvatureCallback):
             self.k,
             tol=self.tol,
             max_iter=self.max_iter,
-            init=self._vectors,
+            init=warm_start(self._vectors, operator.dim),
             block_size=min(self.k + 1, operator.dim),
             generator=self.generator,
             extra=1,

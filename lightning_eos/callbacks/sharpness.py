@@ -18,7 +18,7 @@ from lightning_eos.callbacks._base import (
     check_k_fits,
 )
 from lightning_eos.curvature.hessian import HessianOperator
-from lightning_eos.curvature.lanczos import Eigenpairs, lanczos
+from lightning_eos.curvature.lanczos import Eigenpairs, lanczos, warm_start
 from lightning_eos.curvature.thresholds import StabilityThreshold, stability_threshold
 
 #: Optimizers whose preconditioned sharpness PreconditionedSharpnessMonitor measures.
@@ -230,7 +230,7 @@ class SharpnessMonitor(CurvatureCallback):
             self.k,
             tol=self.tol,
             max_iter=self.max_iter,
-            init=self._vectors,
+            init=warm_start(self._vectors, operator.dim),
             block_size=self.k + self.extra_vectors,
             generator=self.generator,
             extra=self.extra_vectors,

@@ -175,6 +175,23 @@ def _block_tridiagonal(diagonal: list[Tensor], lower: list[Tensor]) -> Tensor:
     return matrix
 
 
+def warm_start(vectors: Tensor | None, dim: int) -> Tensor | None:
+    """The eigenvectors of an earlier solve as the next start block, if they fit.
+
+    A callback keeps the eigenvectors of its last solve to start the next one.
+    When the trainable parameters change between two solves (a layer frozen or
+    unfrozen during training) those vectors have another length: the next solve
+    then starts cold, from random vectors, instead of failing.
+
+    Args:
+        vectors: The kept eigenvectors, one per row, or ``None``.
+        dim: The dimension of the operator of the next solve.
+    """
+    if vectors is None or vectors.shape[-1] != dim:
+        return None
+    return vectors
+
+
 def lanczos(
     operator: SymmetricOperator,
     k: int = 1,

@@ -8,7 +8,12 @@ import torch
 from torch import Tensor
 
 from lightning_eos._validation import check_int, check_number, check_seed
-from lightning_eos.curvature.lanczos import Eigenpairs, SymmetricOperator, lanczos
+from lightning_eos.curvature.lanczos import (
+    Eigenpairs,
+    SymmetricOperator,
+    lanczos,
+    warm_start,
+)
 
 
 class WarmTopEigenpair:
@@ -33,7 +38,7 @@ class WarmTopEigenpair:
 
     def solve(self, operator: SymmetricOperator) -> Eigenpairs:
         """The top eigenpair; keeps the eigenvectors for the next call if finite."""
-        init = self.vectors
+        init = warm_start(self.vectors, operator.dim)
         if init is not None:
             init = init.to(dtype=operator.dtype, device=operator.device)
         result = lanczos(

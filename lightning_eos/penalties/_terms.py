@@ -68,8 +68,21 @@ class PenaltyTerm:
     def __call__(self, parameters: Sequence[Tensor] | None = None) -> Tensor:
         """The term at ``parameters`` (default: the module's current parameters)."""
         parameters = self._parameters(parameters)
+        if not any(p.requires_grad for p in parameters):
+            raise ValueError(
+                "A PenaltyTerm called with tensors is differentiated with respect to "
+                "them, but none of the tensors passed requires grad: pass the "
+                "module's trainable parameters, or use `term.value(tensors)` for the "
+                "value alone."
+            )
         with torch.enable_grad():
-            return self._value(parameters)
+            value = self._value(parameters)
+        if not value.requires_grad:
+            # A term constant in the parameters (the curvature of a loss quadratic
+            # in them) still gets the graph promised: an exact zero that reaches them.
+            zero = sum(p.reshape(-1)[:0].sum() for p in parameters if p.requires_grad)
+            value = value + zero
+        return value
 
     def value(self, parameters: Sequence[Tensor] | None = None) -> float:
         """The term's value, one chunk at a time (memory of one chunk)."""
@@ -220,11 +233,14 @@ class CurvatureTerm(PenaltyTerm):
         vectors = self.vectors.to(dtype=flat.dtype, device=flat.device)
         total = None
         for vector, weight in zip(vectors, self.weights, strict=True):
-            # vᵀHv = ⟨∇⟨∇L, v⟩, v⟩: a double backward pass, kept differentiable.
-            pieces = torch.autograd.grad(
-                flat @ vector, point, create_graph=True, allow_unused=True
-            )
-            curvature = objective.flatten(_zeros_for_none(pieces, point)) @ vector
+            if not flat.requires_grad:  # L is linear in the parameters: H = 0
+                curvature = flat.new_zeros(())
+            else:
+                # vᵀHv = ⟨∇⟨∇L, v⟩, v⟩: a double backward pass, kept differentiable.
+                pieces = torch.autograd.grad(
+                    flat @ vector, point, create_graph=True, allow_unused=True
+                )
+                curvature = objective.flatten(_zeros_for_none(pieces, point)) @ vector
             total = weight * curvature if total is None else total + weight * curvature
         assert total is not None
         return total

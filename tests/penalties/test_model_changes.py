@@ -1,0 +1,160 @@
+"""Penalties on a constant curvature, and on a trainable set that changes."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.functional import mse_loss
+
+from lightning_eos.callbacks import SharpnessMonitor
+from lightning_eos.curvature import ProbeObjective
+from lightning_eos.penalties import (
+    CentralFlowPenalty,
+    GradientNormPenalty,
+    PenaltyCallback,
+    SharpnessPenalty,
+    TracePenalty,
+)
+from tests.callbacks.modules import Regressor, half_squared_error, regression_data
+from tests.penalties.test_callback import fit, flat
+from tests.penalties.test_second_order import OPTIMIZERS, SecondOrder
+
+
+class LinearRegression(SecondOrder):
+    """Outputs linear in the parameters: the squared error has a constant Hessian.
+
+    PyTorch's ``mse_loss`` differentiates to a gradient with no graph left, unlike
+    the same loss written with ``**``.
+    """
+
+    def __init__(self, make_optimizer):
+        super().__init__(make_optimizer)
+        torch.manual_seed(0)
+        self.net = nn.Linear(6, 2).double()
+
+    def training_step(self, batch, batch_idx):
+        return mse_loss(self(batch[0]), batch[1])
+
+
+def dense_top_eigenvalue(module):
+    inputs, _ = regression_data().tensors
+    x = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=inputs.dtype)], dim=1)
+    # mean of (Wx + b − y)² over examples and the 2 outputs: the Hessian is
+    # I₂ ⊗ E[x xᵀ] (x with a 1 appended).
+    return float(torch.linalg.eigvalsh(x.T @ x / len(x))[-1])
+
+
+SGD = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1)}
+
+
+@pytest.mark.parametrize(
+    "make_penalty",
+    [lambda: SharpnessPenalty(0.01, tol=1e-10), lambda: TracePenalty(0.01, seed=1)],
+    ids=["sharpness", "trace"],
+)
+@pytest.mark.parametrize("name", ["sgd", "newton-cg", "cubic", "hessian-free"])
+def test_constant_curvature_term_has_its_value_and_no_gradient(
+    tmp_path, name, make_penalty
+):
+    make_optimizer = {**SGD, **OPTIMIZERS}[name]
+    penalized, plain = (
+        LinearRegression(make_optimizer),
+        LinearRegression(make_optimizer),
+    )
+    callback = PenaltyCallback(make_penalty(), loss_fn=mse_loss)
+
+    fit(tmp_path, penalized, [callback], steps=3)
+    fit(tmp_path, plain, [], steps=3)
+
+    assert len(callback.history) == 3
+    for record in callback.history:
+        assert record.added and record.gradient_norm == 0.0
+        if "lambda_1" in record.metrics:
+            assert record.value == pytest.approx(
+                0.01 * dense_top_eigenvalue(penalized), rel=1e-8
+            )
+    # A constant added to the objective changes no step.
+    torch.testing.assert_close(flat(penalized), flat(plain), rtol=1e-12, atol=1e-14)
+
+
+def test_term_of_a_constant_penalty_is_a_zero_gradient_function():
+    module = LinearRegression(OPTIMIZERS["newton-cg"])
+    objective = ProbeObjective(module, [regression_data().tensors], loss_fn=mse_loss)
+    term = SharpnessPenalty(0.01, tol=1e-10).evaluate(objective).term
+    params = list(module.parameters())
+
+    value = term(params)
+    gradients = torch.autograd.grad(value, params)
+
+    assert float(value.detach()) == pytest.approx(
+        0.01 * dense_top_eigenvalue(module), rel=1e-8
+    )
+    assert all(torch.count_nonzero(g) == 0 for g in gradients)
+
+
+def test_term_refuses_tensors_it_cannot_differentiate_by():
+    module = LinearRegression(OPTIMIZERS["newton-cg"])
+    objective = ProbeObjective(
+        module, [regression_data().tensors], loss_fn=half_squared_error
+    )
+    term = GradientNormPenalty(0.1).evaluate(objective).term
+    detached = [p.detach() for p in module.parameters()]
+
+    with pytest.raises(ValueError, match=r"requires grad.*term\.value"):
+        term(detached)
+    assert term.value(detached) == pytest.approx(float(term().detach()), rel=1e-12)
+
+
+class UnfrozenLater(Regressor):
+    """The last layer is frozen for the first epoch and trained from the second on."""
+
+    def on_train_epoch_start(self):
+        for parameter in self.net[-1].parameters():
+            parameter.requires_grad_(self.current_epoch >= 1)
+
+
+def dense_sharpness(module):
+    inputs, targets = regression_data().tensors
+    objective = ProbeObjective(module, [(inputs, targets)], loss_fn=half_squared_error)
+    point = objective.point()
+
+    def loss(theta):
+        return sum(objective.chunk_losses(theta))
+
+    return float(
+        torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, point))[-1]
+    )
+
+
+@pytest.mark.parametrize(
+    "make_penalty",
+    [
+        lambda: SharpnessPenalty(1e-3, tol=1e-10),
+        lambda: CentralFlowPenalty(target_lr=0.01, tol=1e-10),
+    ],
+    ids=["sharpness", "central-flow"],
+)
+@pytest.mark.parametrize("name", ["sgd", "newton-cg"])
+def test_unfreezing_a_layer_restarts_the_eigensolvers_cold(
+    tmp_path, name, make_penalty
+):
+    module = UnfrozenLater()
+    if name != "sgd":
+        module.backward = SecondOrder.backward.__get__(module)
+        module.configure_optimizers = lambda: OPTIMIZERS[name](module.parameters())
+    monitor = SharpnessMonitor(every_n_steps=1, tol=1e-10, loss_fn=half_squared_error)
+    penalty = PenaltyCallback(make_penalty(), loss_fn=half_squared_error)
+
+    # One step per epoch (full batch): steps 0 and 1 see different trainable sets.
+    fit(tmp_path, module, [monitor, penalty], steps=3)
+
+    assert [record.step for record in penalty.history] == [0, 1, 2]
+    assert all(math.isfinite(record.value) for record in penalty.history)
+    # The monitor measures after each step: its last λ₁ is that of the final
+    # parameters, all 8·6 + 8 + 8·2 + 2 of them.
+    result = monitor.last_result
+    assert result.eigenvectors.shape[-1] == 74
+    assert float(result.eigenvalues[0]) == pytest.approx(
+        dense_sharpness(module), rel=1e-8
+    )
