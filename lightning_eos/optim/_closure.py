@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
@@ -224,6 +225,16 @@ def check_trainer(trainer: pl.Trainer, name: str, *, second_order: bool) -> None
             f"accumulate_grad_batches={trainer.accumulate_grad_batches}; use 1 and "
             "a larger batch instead."
         )
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradientAccumulationScheduler) and any(
+            factor > 1 for factor in callback.scheduling.values()
+        ):
+            raise MisconfigurationException(
+                f"{name} calls the training closure several times per step and "
+                "cannot be used with gradient accumulation, which "
+                f"GradientAccumulationScheduler({callback.scheduling}) switches on "
+                "during the run. Remove the scheduler and use a larger batch."
+            )
     if _SHARDING and isinstance(trainer.strategy, _SHARDING):
         raise MisconfigurationException(
             f"{name} needs the whole gradient on every process, but the strategy "

@@ -30,10 +30,20 @@ def check_second_order(
     """Refuse, or warn of, a penalty this second-order optimizer cannot serve well.
 
     Raises:
-        MisconfigurationException: For a penalty without a term, and for
-            ``GaussNewton(damping=0)``.
+        MisconfigurationException: For a penalty without a term, a coefficient
+            read from the learning rate, and ``GaussNewton(damping=0)``.
     """
     name = type(optimizer).__name__
+    if getattr(penalty, "coefficient", None) == "lr":
+        lr = max(group["lr"] for group in optimizer.param_groups)
+        raise MisconfigurationException(
+            f"{type(penalty).__name__}(coefficient='lr') takes its coefficient from "
+            "the step size of gradient descent (the implicit regularization of a "
+            f"step of size lr), but the lr of {name} (here {lr:g}) scales a "
+            "Newton-type step and has no such meaning. Give the coefficient as a "
+            "number: coefficient=c penalizes (c/4)‖∇L‖², e.g. c = 0.2 imitates "
+            "gradient descent at a step size of 0.2."
+        )
     if not penalty.has_term:
         raise MisconfigurationException(
             f"PenaltyCallback adds the penalty to the objective of {name}, which "

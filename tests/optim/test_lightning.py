@@ -6,7 +6,7 @@ from functools import partial
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.func import functional_call
@@ -134,6 +134,14 @@ def test_accumulation_is_refused_at_the_step_without_the_callback(tmp_path):
         trainer(tmp_path, 2, accumulate_grad_batches=2).fit(module, loader(64))
 
 
+def test_scheduled_accumulation_is_refused_before_the_first_step(tmp_path):
+    module = Recorder(SAM_SGD)
+    schedule = GradientAccumulationScheduler({1: 2})
+    with pytest.raises(MisconfigurationException, match=r"\{1: 2, 0: 1\}"):
+        trainer(tmp_path, 4, callbacks=[schedule]).fit(module, loader(64))
+    assert module.calls == 0
+
+
 def test_a_grad_scaler_is_refused(tmp_path):
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     module = Recorder(SAM_SGD)
@@ -152,6 +160,7 @@ class StandIn:
 
     def __init__(self, strategy=None, world_size=1):
         self.accumulate_grad_batches = 1
+        self.callbacks = []
         self.gradient_clip_val = None
         self.strategy = strategy
         self.world_size = world_size

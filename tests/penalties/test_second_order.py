@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_eos.curvature import ProbeObjective
@@ -336,6 +337,10 @@ def test_settings_the_optimizer_cannot_serve_are_refused_when_fitting_starts(tmp
     callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
     with pytest.raises(MisconfigurationException, match="gradient accumulation"):
         fit(tmp_path, module, [callback], steps=1, accumulate_grad_batches=2)
+    # Accumulation that a scheduler switches on later is known when fitting starts.
+    schedule = GradientAccumulationScheduler({1: 2})
+    with pytest.raises(MisconfigurationException, match="switches on during the run"):
+        fit(tmp_path, module, [callback, schedule], steps=4, batch_size=16)
     assert torch.equal(flat(module), start)
     assert callback.num_evaluations == 0
 
@@ -547,5 +552,15 @@ def test_a_gradient_of_the_wrong_size_is_refused_at_the_first_step(tmp_path, nam
     start = flat(module)
     callback = PenaltyCallback(WrongSizeGradient(), loss_fn=half_squared_error)
     with pytest.raises(ValueError, match=r"gradient of shape \(75,\).*74 trainable"):
+        fit(tmp_path, module, [callback], steps=1)
+    assert torch.equal(flat(module), start)
+
+
+@pytest.mark.parametrize("name", ["newton-cg", "cubic"])
+def test_a_coefficient_read_from_a_newton_step_length_is_refused(tmp_path, name):
+    module = SecondOrder(OPTIMIZERS[name])
+    start = flat(module)
+    callback = PenaltyCallback(GradientNormPenalty(), loss_fn=half_squared_error)
+    with pytest.raises(MisconfigurationException, match=r"coefficient='lr'.*number"):
         fit(tmp_path, module, [callback], steps=1)
     assert torch.equal(flat(module), start)
