@@ -249,6 +249,18 @@ class CurvatureCallback(Callback):
         if chunks is None:
             assert self.probe is not None, "the probe set is drawn when training starts"
             chunks = self.probe.chunks
+        if self.mode == "train" and pl_module.training:
+            frozen = [n for n, m in pl_module.named_modules() if n and not m.training]
+            if frozen:
+                shown = ", ".join(frozen[:3]) + (", …" if len(frozen) > 3 else "")
+                self.warn_once(
+                    "eval-layers",
+                    f"{type(self).__name__}(mode='train') evaluates every layer in "
+                    f"train mode, but the module trains with {shown} in eval mode: "
+                    "for layers whose output depends on the mode (BatchNorm, "
+                    "dropout) its loss is not the one being trained. mode='eval' "
+                    "puts every layer in eval mode instead.",
+                )
         if self.loss_fn is not None:
             loss = {"loss_fn": self.loss_fn}
         else:

@@ -25,7 +25,10 @@ class OptimizerStatsLogger(Callback):
     as ``<prefix>/<key>`` (``<prefix>/<i>/<key>`` with several optimizers) at
     ``step=trainer.global_step`` on every logger, whatever ``log_every_n_steps``
     is. Counters appear as ``<prefix>/count_<name>``. Optimizers without
-    ``last_stats`` (torch.optim's) are skipped.
+    ``last_stats`` (torch.optim's) are skipped. The losses and gradient norms
+    are those of the objective the optimizer descends: with a penalty attached
+    by :class:`~lightning_eos.penalties.PenaltyCallback` to a second-order
+    optimizer, of :math:`L + P`.
 
     When training starts it also checks the Trainer against each optimizer that
     can check it (gradient accumulation, strategy, gradient clipping), so a

@@ -142,7 +142,8 @@ class PenaltyCallback(CurvatureCallback):
     several optimizers, first-order optimizers with a line search (LBFGS with
     ``line_search_fn``: its closure's loss is :math:`L` alone), param groups with
     different learning rates when the penalty needs the learning rate, a
-    second-order optimizer with a penalty that returns no term, and
+    second-order optimizer with a penalty that returns no term or with
+    ``coefficient="lr"`` (its lr is no gradient-descent step size), and
     ``GaussNewton(damping=0)``, which has no curvature outside the row space of
     the Jacobian, where the penalty's gradient may point.
 
@@ -448,7 +449,7 @@ class PenaltyCallback(CurvatureCallback):
                 f"not finite at step {trainer.global_step}; it is logged and not "
                 "added to the gradient.",
             )
-        if result.metrics.get("converged", 1.0) == 0.0:
+        if finite and result.metrics.get("converged", 1.0) == 0.0:
             self.warn_once(
                 "unconverged",
                 f"PenaltyCallback: the eigensolver of {type(self.penalty).__name__} "

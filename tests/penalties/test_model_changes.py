@@ -158,3 +158,19 @@ def test_unfreezing_a_layer_restarts_the_eigensolvers_cold(
     assert float(result.eigenvalues[0]) == pytest.approx(
         dense_sharpness(module), rel=1e-8
     )
+
+
+class FrozenBatchNorm(Regressor):
+    """Fine-tuning with BatchNorm frozen: it normalizes with its running statistics."""
+
+    def __init__(self):
+        super().__init__(batch_norm=True)
+
+    def on_train_epoch_start(self):
+        self.net[1].eval()
+
+
+def test_train_mode_warns_of_layers_the_module_trains_in_eval_mode(tmp_path):
+    callback = PenaltyCallback(GradientNormPenalty(0.1), loss_fn=half_squared_error)
+    with pytest.warns(UserWarning, match=r"mode='train'.*net\.1 in eval mode"):
+        fit(tmp_path, FrozenBatchNorm(), [callback], steps=1)
