@@ -99,8 +99,22 @@ class PenaltyTerm:
         memory is that of one chunk of the objective's data, not of all of it.
         """
         tensors = self._parameters(parameters)
-        value, gradient = self._chunked(self._point(tensors), gradient=True)
-        assert gradient is not None
+        point = self._point(tensors)
+        if len(self.objectives) == 1 and len(self.objectives[0].chunks) == 1:
+            # One chunk: the term's whole graph is that of one chunk.
+            with torch.enable_grad():
+                whole = self._value(point)
+            value = float(whole.detach())
+            gradient = _zeros_for_none(
+                torch.autograd.grad(whole, point, allow_unused=True)
+                if whole.requires_grad
+                else [None] * len(point),
+                point,
+            )
+        else:
+            value, chunked = self._chunked(point, gradient=True)
+            assert chunked is not None
+            gradient = chunked
         return value, [
             g.to(dtype=t.dtype, device=t.device)
             for g, t in zip(gradient, tensors, strict=True)
@@ -168,7 +182,7 @@ class GradientNormTerm(PenaltyTerm):
         with torch.enable_grad():
             for objective, weight in zip(self.objectives, self.weights, strict=True):
                 if total is not None and len(objective.chunks) == 1:
-                    # One chunk: its graph is all there is; keep it for ∇s.
+                    # One chunk (a minibatch): its graph is all there is; keep it.
                     (loss,) = objective.chunk_losses(point, self.constants)
                     pieces = torch.autograd.grad(
                         loss, point, create_graph=True, allow_unused=True
