@@ -64,7 +64,9 @@ class ThirdOrderMonitor(SharedEigenpairsCallback):
       :math:`\nabla S_\perp^*` are taken there, as in the reduced model of
       Damian et al.; the three are kept in checkpoints. The model is local: far
       from :math:`\theta^*` the coordinates describe the displacement, not the
-      dynamics. The signs of the eigenvectors are kept continuous between
+      dynamics. When the set of trainable parameters changes (a layer frozen or
+      unfrozen), :math:`\theta^*` is taken anew at the next point at or above
+      the threshold. The signs of the eigenvectors are kept continuous between
       measurements, so that :math:`T[u_1, u_1, u_1]` and the other odd entries do
       not flip with the eigensolver's arbitrary signs;
     * the block-structured derivatives of :math:`t \mapsto L(\theta + \sum_i t_i
@@ -273,6 +275,9 @@ class ThirdOrderMonitor(SharedEigenpairsCallback):
         alpha = -float(operator.gradient().double() @ perpendicular)
         beta = float(perpendicular @ perpendicular)
         delta = math.sqrt(2 * alpha / beta) if alpha > 0 and beta > 0 else math.nan
+        if self.reference is not None and self.reference.shape[-1] != theta.numel():
+            # The trainable parameters changed: the old frame has no meaning here.
+            self.reference, self.reference_step = None, None
         if (
             self.reference is None
             and self._threshold is not None
@@ -334,6 +339,8 @@ class ThirdOrderMonitor(SharedEigenpairsCallback):
         """
         vectors = vectors.clone()
         previous = self._u_reference
+        if previous is not None and previous.shape[-1] != vectors.shape[-1]:
+            previous = None  # the trainable parameters changed
         for row in range(vectors.shape[0]):
             u = vectors[row]
             if previous is not None and row < previous.shape[0]:

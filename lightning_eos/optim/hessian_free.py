@@ -212,6 +212,8 @@ class HessianFree(ClosureOptimizer):
             raise
         state = self._global_state()
         previous = state.get("direction")
+        if previous is not None and previous.numel() != derivatives.gradient.numel():
+            previous = None  # the trainable parameters changed: start CG from zero
         x0 = (
             None
             if previous is None

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.functional import mse_loss
 
-from lightning_eos.callbacks import SharpnessMonitor
+from lightning_eos.callbacks import SharpnessMonitor, ThirdOrderMonitor
 from lightning_eos.curvature import ProbeObjective
 from lightning_eos.penalties import (
     CentralFlowPenalty,
@@ -174,3 +174,31 @@ def test_train_mode_warns_of_layers_the_module_trains_in_eval_mode(tmp_path):
     callback = PenaltyCallback(GradientNormPenalty(0.1), loss_fn=half_squared_error)
     with pytest.warns(UserWarning, match=r"mode='train'.*net\.1 in eval mode"):
         fit(tmp_path, FrozenBatchNorm(), [callback], steps=1)
+
+
+@pytest.mark.parametrize("name", ["hessian-free", "newton-cg", "cubic"])
+def test_second_order_optimizers_follow_a_change_of_the_trainable_set(tmp_path, name):
+    module = UnfrozenLater()
+    module.backward = SecondOrder.backward.__get__(module)
+    module.configure_optimizers = lambda: OPTIMIZERS[name](module.parameters())
+    before = flat(module)
+
+    fit(tmp_path, module, [], steps=3)
+
+    # The last layer moved only in the steps after it was unfrozen.
+    moved = flat(module) - before
+    assert torch.isfinite(moved).all() and moved[-18:].abs().max() > 0
+
+
+def test_third_order_monitor_follows_a_change_of_the_trainable_set(tmp_path):
+    module = UnfrozenLater()
+    monitor = ThirdOrderMonitor(
+        every_n_steps=1, threshold=0.1, loss_fn=half_squared_error
+    )
+
+    fit(tmp_path, module, [monitor], steps=3)
+
+    assert [record.step for record in monitor.history] == [0, 1, 2, 3]
+    assert all(math.isfinite(record.sharpness) for record in monitor.history)
+    # The reference frame of (x, y) is in the space of the whole network now.
+    assert monitor.reference is not None and monitor.reference.shape[-1] == 74
