@@ -141,7 +141,9 @@ class MinibatchGradientNormPenalty(Penalty):
         P = \frac{c}{4m}\sum_k \|\nabla L_{B_k}\|^2,
         \qquad \nabla P = \frac{c}{2m}\sum_k H_{B_k}\nabla L_{B_k},
 
-    one gradient with graph and one Hessian-vector product per minibatch. It adds
+    one gradient with graph and one Hessian-vector product per minibatch, each
+    minibatch evaluated in chunks no larger than the objective's (so that the
+    memory is that of one chunk, whatever ``batch_size``). It adds
     the implicit regularizer of minibatch SGD to a full-batch (or large-batch) run.
     During minibatch training itself, the per-step form is
     :class:`GradientNormPenalty` on the current batch.
@@ -199,7 +201,9 @@ class MinibatchGradientNormPenalty(Penalty):
         count, spent = 0, 0
         minibatches = self.minibatches(objective)
         for minibatch in minibatches:
-            operator = HessianOperator(objective.with_chunks([minibatch]))
+            operator = HessianOperator(
+                objective.with_chunks(_in_chunks(minibatch, objective))
+            )
             gradient = operator.gradient()
             squared_norms = squared_norms + gradient.square().sum()
             if active:
@@ -220,7 +224,10 @@ class MinibatchGradientNormPenalty(Penalty):
         term = None
         if active and objective.all_reduce is None:
             term = GradientNormTerm(
-                [objective.with_chunks([minibatch]) for minibatch in minibatches],
+                [
+                    objective.with_chunks(_in_chunks(minibatch, objective))
+                    for minibatch in minibatches
+                ],
                 [c / (4 * total)] * len(minibatches),
             )
         return PenaltyResult(
@@ -258,6 +265,15 @@ class MinibatchGradientNormPenalty(Penalty):
             "coefficient": self.coefficient,
             "shuffle": self.shuffle,
         }
+
+
+def _in_chunks(minibatch: Any, objective: ProbeObjective) -> list[Any]:
+    """The minibatch in chunks no larger than the objective's, bounding memory."""
+    width = max(objective.local_sizes)
+    size = batch_size(minibatch)
+    return [
+        slice_batch(minibatch, start, start + width) for start in range(0, size, width)
+    ]
 
 
 def _take(batch: Any, order: Tensor) -> Any:
