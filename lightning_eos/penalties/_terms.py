@@ -68,19 +68,20 @@ class PenaltyTerm:
     def __call__(self, parameters: Sequence[Tensor] | None = None) -> Tensor:
         """The term at ``parameters`` (default: the module's current parameters)."""
         parameters = self._parameters(parameters)
-        if not any(p.requires_grad for p in parameters):
+        needing = sum(p.requires_grad for p in parameters)
+        if needing < len(parameters):
             raise ValueError(
                 "A PenaltyTerm called with tensors is differentiated with respect to "
-                "them, but none of the tensors passed requires grad: pass the "
-                "module's trainable parameters, or use `term.value(tensors)` for the "
-                "value alone."
+                f"them, but {len(parameters) - needing} of the {len(parameters)} "
+                "tensors passed do not require grad: pass the module's trainable "
+                "parameters, or use `term.value(tensors)` for the value alone."
             )
         with torch.enable_grad():
             value = self._value(parameters)
         if not value.requires_grad:
             # A term constant in the parameters (the curvature of a loss quadratic
             # in them) still gets the graph promised: an exact zero that reaches them.
-            zero = sum(p.reshape(-1)[:0].sum() for p in parameters if p.requires_grad)
+            zero = sum(p.reshape(-1)[:0].sum() for p in parameters)
             value = value + zero
         return value
 
@@ -129,6 +130,21 @@ class PenaltyTerm:
             raise ValueError(
                 f"The term needs the {len(objective.names)} trainable parameter "
                 f"tensors of the objective's module, got {len(parameters)}."
+            )
+        for index, (tensor, name, shape) in enumerate(
+            zip(parameters, objective.names, objective.shapes, strict=True)
+        ):
+            if tuple(tensor.shape) != tuple(shape):
+                raise ValueError(
+                    f"Tensor {index} passed to the term stands for the parameter "
+                    f"{name!r} of shape {tuple(shape)}, got shape "
+                    f"{tuple(tensor.shape)}."
+                )
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "A PenaltyTerm differentiates the loss even for its value, which "
+                "torch.inference_mode() forbids: call it outside inference mode "
+                "(torch.no_grad() is fine for term.value)."
             )
         return parameters
 

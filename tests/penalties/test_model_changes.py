@@ -93,17 +93,28 @@ def test_term_of_a_constant_penalty_is_a_zero_gradient_function():
     assert all(torch.count_nonzero(g) == 0 for g in gradients)
 
 
-def test_term_refuses_tensors_it_cannot_differentiate_by():
+def test_term_refuses_tensors_it_cannot_take_with_a_clear_error():
     module = LinearRegression(OPTIMIZERS["newton-cg"])
     objective = ProbeObjective(
         module, [regression_data().tensors], loss_fn=half_squared_error
     )
     term = GradientNormPenalty(0.1).evaluate(objective).term
-    detached = [p.detach() for p in module.parameters()]
+    params = list(module.parameters())
+    detached = [p.detach() for p in params]
 
-    with pytest.raises(ValueError, match=r"requires grad.*term\.value"):
+    with pytest.raises(ValueError, match=r"2 of the 2 tensors.*term\.value"):
         term(detached)
-    assert term.value(detached) == pytest.approx(float(term().detach()), rel=1e-12)
+    with pytest.raises(ValueError, match=r"1 of the 2 tensors.*require grad"):
+        term([params[0], detached[1]])
+    with pytest.raises(
+        ValueError, match=r"'net\.bias' of shape \(2,\), got shape \(3,\)"
+    ):
+        term([params[0], torch.zeros(3, dtype=torch.float64)])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        term.value(detached)
+    with torch.no_grad():
+        value = term.value(detached)
+    assert value == pytest.approx(float(term().detach()), rel=1e-12)
 
 
 class UnfrozenLater(Regressor):
