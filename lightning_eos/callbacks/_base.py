@@ -250,7 +250,11 @@ class CurvatureCallback(Callback):
             assert self.probe is not None, "the probe set is drawn when training starts"
             chunks = self.probe.chunks
         if self.mode == "train" and pl_module.training:
-            frozen = [n for n, m in pl_module.named_modules() if n and not m.training]
+            frozen = [
+                name
+                for name, layer in pl_module.named_modules()
+                if name and not layer.training and _depends_on_mode(layer)
+            ]
             if frozen:
                 shown = ", ".join(frozen[:3]) + (", …" if len(frozen) > 3 else "")
                 self.warn_once(
@@ -339,3 +343,14 @@ def _all_reduce(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
     if trainer.world_size == 1:
         return None
     return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
+
+
+def _depends_on_mode(layer: nn.Module) -> bool:
+    """Whether a layer's output may depend on its train/eval flag.
+
+    Dropout layers and layers with buffers of their own (BatchNorm's running
+    statistics) do; an activation or a linear map does not.
+    """
+    return isinstance(layer, nn.modules.dropout._DropoutNd) or any(
+        True for _ in layer.buffers(recurse=False)
+    )

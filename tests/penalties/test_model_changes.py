@@ -213,3 +213,17 @@ def test_third_order_monitor_follows_a_change_of_the_trainable_set(tmp_path):
     assert all(math.isfinite(record.sharpness) for record in monitor.history)
     # The reference frame of (x, y) is in the space of the whole network now.
     assert monitor.reference is not None and monitor.reference.shape[-1] == 74
+
+
+class FrozenActivation(Regressor):
+    """An activation left in eval mode: its output does not depend on the mode."""
+
+    def on_train_epoch_start(self):
+        self.net[1].eval()
+
+
+def test_train_mode_does_not_warn_of_layers_that_ignore_the_mode(tmp_path, recwarn):
+    callback = PenaltyCallback(GradientNormPenalty(0.1), loss_fn=half_squared_error)
+    fit(tmp_path, FrozenActivation(), [callback], steps=1)
+    assert isinstance(FrozenActivation().net[1], nn.Tanh)
+    assert not any("eval mode" in str(w.message) for w in recwarn)
