@@ -113,7 +113,9 @@ class SharpnessMonitor(CurvatureCallback):
             eigenvalue that overtakes :math:`\lambda_k` be found. At least 0.
         loss_fn: ``loss_fn(module(inputs), targets)`` for batches ``(inputs,
             targets, ...)``; when ``None`` the module must define
-            ``curvature_loss(batch)``.
+            ``curvature_loss(batch)``. Either must be a mean over the batch's
+            examples: chunks are weighted by their sizes, so a sum-reduced loss
+            would make the result depend on ``chunk_size``.
         mode: ``"train"`` or ``"eval"``: the mode of every layer during a product.
         dtype: ``"float64"`` to probe a float32 model in double precision (on copies),
             ``"float32"``, or ``None`` for the parameters' own type.

@@ -163,7 +163,9 @@ class PenaltyCallback(CurvatureCallback):
             chunk, which is fastest.
         loss_fn: ``loss_fn(module(inputs), targets)`` for batches ``(inputs,
             targets, ...)``; when ``None`` the module must define
-            ``curvature_loss(batch)``.
+            ``curvature_loss(batch)``. Either must be a mean over the batch's
+            examples: chunks are weighted by their sizes, so a sum-reduced loss
+            would make the result depend on ``chunk_size``.
         mode: ``"train"`` or ``"eval"``: the mode of every layer in the penalty.
         dtype: ``"float64"`` to evaluate a float32 model's penalty in double
             precision (on copies), ``"float32"``, or ``None`` for the parameters' type.
