@@ -38,6 +38,8 @@ class PenaltyResult:
             for optimizers that differentiate or compare values of their
             objective; ``None`` for an inactive or non-finite penalty, and for an
             objective whose data is spread over several processes.
+        notes: Conditions the caller should warn about once each, keyed by a
+            short name (a penalty that cannot do what it is for at this point).
     """
 
     value: float
@@ -47,6 +49,7 @@ class PenaltyResult:
     num_products: int = 0
     num_third_order: int = 0
     term: PenaltyTerm | None = None
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def gradient_norm(self) -> float:

@@ -451,6 +451,8 @@ class PenaltyCallback(CurvatureCallback):
                 f"not finite at step {trainer.global_step}; it is logged and not "
                 "added to the gradient.",
             )
+        for key, message in result.notes.items():
+            self.warn_once(f"note-{key}", message)
         if finite and result.metrics.get("converged", 1.0) == 0.0:
             self.warn_once(
                 "unconverged",

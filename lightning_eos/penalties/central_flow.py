@@ -14,6 +14,9 @@ from lightning_eos.penalties._base import Penalty, PenaltyResult
 from lightning_eos.penalties._eigen import WarmTopEigenpair
 from lightning_eos.penalties._terms import CurvatureTerm
 
+#: The ratio of the penalty's gradient to the loss's beyond which a warning is due.
+_FAR = 10.0
+
 
 class CentralFlowPenalty(Penalty):
     r"""The central flow's penalty :math:`\frac12\sigma^2 S` for a larger step.
@@ -68,7 +71,13 @@ class CentralFlowPenalty(Penalty):
     as well, the central flow's multiplier becomes a matrix on their eigenspace,
     while this penalty acts on whichever is the top eigenvalue at each step, so the
     two alternate at the threshold. If :math:`\nabla S = 0` the multiplier is set
-    to zero.
+    to zero, and the caller is warned when :math:`S` is above the threshold. Far
+    above it where :math:`\nabla S` is small (a penalty attached to a run that is
+    already much sharper), removing the excess in one step takes a step of about
+    :math:`\kappa(S - 2/\eta_\star)/\|\nabla S\|`, beyond the reach of the
+    first-order rule: the caller is warned when the penalty's gradient exceeds
+    ten times the loss's (``gradient_ratio`` in the metrics), and a smaller
+    ``rate`` spreads the correction over more steps.
 
     Cost: one gradient with graph, the warm-started Lanczos products and one
     third-order vector per step, whether or not the penalty is active.
@@ -144,6 +153,10 @@ class CentralFlowPenalty(Penalty):
         squared_norm = float(sharpness_gradient.square().sum())
         sigma2 = self.multiplier(sharpness, alignment, squared_norm, eta)
 
+        gradient_norm = float(gradient.norm())
+        # How much the penalty's gradient outweighs the loss's: about 1 or less
+        # while the rule projects; far more when it must remove a large excess.
+        weight = 0.5 * sigma2 * squared_norm**0.5 / max(gradient_norm, 1e-300)
         metrics = {
             "lambda_1": sharpness,
             "threshold": self.threshold,
@@ -151,8 +164,25 @@ class CentralFlowPenalty(Penalty):
             "sigma2": sigma2,
             "sharpening": -alignment,
             "sharpness_gradient_norm": squared_norm**0.5,
+            "gradient_ratio": weight,
             "converged": float(result.converged),
         }
+        notes = {}
+        if sharpness > self.threshold and squared_norm == 0:
+            notes["flat"] = (
+                f"CentralFlowPenalty: λ₁ = {sharpness:.4g} is above 2/target_lr = "
+                f"{self.threshold:.4g}, but its gradient is zero here, so no multiple "
+                "of it can lower the sharpness: the penalty stays inactive."
+            )
+        elif weight > _FAR:
+            notes["far"] = (
+                f"CentralFlowPenalty: λ₁ = {sharpness:.4g} is "
+                f"{sharpness / self.threshold:.3g} × 2/target_lr where its gradient "
+                f"is small, and removing rate = {self.rate:g} of the excess in one "
+                f"step makes the penalty's gradient {weight:.3g} times the loss's, "
+                "beyond the first-order rule's reach: training may diverge. Lower "
+                "`rate`, or attach the penalty before λ₁ passes 2/target_lr."
+            )
         term = None
         if sigma2 > 0 and objective.all_reduce is None:
             term = CurvatureTerm(objective, u, [0.5 * sigma2])
@@ -164,6 +194,7 @@ class CentralFlowPenalty(Penalty):
             num_products=operator.num_products,
             num_third_order=operator.num_third_order,
             term=term,
+            notes=notes,
         )
 
     def multiplier(

@@ -227,3 +227,38 @@ def test_train_mode_does_not_warn_of_layers_that_ignore_the_mode(tmp_path, recwa
     fit(tmp_path, FrozenActivation(), [callback], steps=1)
     assert isinstance(FrozenActivation().net[1], nn.Tanh)
     assert not any("eval mode" in str(w.message) for w in recwarn)
+
+
+class Cubic(SecondOrder):
+    """Outputs z + ε z³ of a linear z: the sharpness has a gradient of order ε."""
+
+    def __init__(self, epsilon):
+        super().__init__(lambda p: torch.optim.SGD(p, lr=0.01))
+        torch.manual_seed(1)
+        self.net = nn.Linear(6, 2).double()
+        self.epsilon = epsilon
+
+    def forward(self, inputs):
+        z = self.net(inputs)
+        return z + self.epsilon * z**3
+
+
+@pytest.mark.parametrize(
+    ("epsilon", "warning"),
+    [(0.0, "its gradient is zero"), (1e-6, "beyond the first-order rule")],
+    ids=["flat", "nearly-flat"],
+)
+def test_central_flow_penalty_warns_when_it_cannot_hold_the_sharpness(
+    tmp_path, epsilon, warning
+):
+    # λ₁ ≈ 1.1 here, far above 2/target_lr = 0.2.
+    penalty = CentralFlowPenalty(target_lr=10.0, tol=1e-10)
+    callback = PenaltyCallback(penalty, loss_fn=half_squared_error)
+    with pytest.warns(UserWarning, match=warning):
+        fit(tmp_path, Cubic(epsilon), [callback], steps=1)
+    record = callback.history[0]
+    assert record.metrics["ratio"] > 5
+    if epsilon == 0:
+        assert record.metrics["sigma2"] == 0 and not record.added
+    else:
+        assert record.metrics["gradient_ratio"] > 10
