@@ -249,22 +249,7 @@ class CurvatureCallback(Callback):
         if chunks is None:
             assert self.probe is not None, "the probe set is drawn when training starts"
             chunks = self.probe.chunks
-        if self.mode == "train" and pl_module.training:
-            frozen = [
-                name
-                for name, layer in pl_module.named_modules()
-                if name and not layer.training and _depends_on_mode(layer)
-            ]
-            if frozen:
-                shown = ", ".join(frozen[:3]) + (", …" if len(frozen) > 3 else "")
-                self.warn_once(
-                    "eval-layers",
-                    f"{type(self).__name__}(mode='train') evaluates every layer in "
-                    f"train mode, but the module trains with {shown} in eval mode: "
-                    "for layers whose output depends on the mode (BatchNorm, "
-                    "dropout) its loss is not the one being trained. mode='eval' "
-                    "puts every layer in eval mode instead.",
-                )
+        self.check_layer_modes(pl_module)
         if self.loss_fn is not None:
             loss = {"loss_fn": self.loss_fn}
         else:
@@ -279,6 +264,26 @@ class CurvatureCallback(Callback):
             normalization=normalization,
             all_reduce=_all_reduce(trainer),
         )
+
+    def check_layer_modes(self, pl_module: pl.LightningModule) -> None:
+        """Warn once if ``mode="train"`` would run layers the module trains in eval."""
+        if self.mode != "train" or not pl_module.training:
+            return
+        frozen = [
+            name
+            for name, layer in pl_module.named_modules()
+            if name and not layer.training and _depends_on_mode(layer)
+        ]
+        if frozen:
+            shown = ", ".join(frozen[:3]) + (", …" if len(frozen) > 3 else "")
+            self.warn_once(
+                "eval-layers",
+                f"{type(self).__name__}(mode='train') evaluates every layer in "
+                f"train mode, but the module trains with {shown} in eval mode: for "
+                "layers whose output may depend on the mode (BatchNorm with running "
+                "statistics, dropout, layers of one's own) its loss is not the one "
+                "being trained. mode='eval' puts every layer in eval mode instead.",
+            )
 
     def warn_once(self, key: str, message: str) -> None:
         """Warn on rank zero, once per ``key`` and callback."""
@@ -348,9 +353,13 @@ def _all_reduce(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
 def _depends_on_mode(layer: nn.Module) -> bool:
     """Whether a layer's output may depend on its train/eval flag.
 
-    Dropout layers and layers with buffers of their own (BatchNorm's running
-    statistics) do; an activation or a linear map does not.
+    Among PyTorch's layers: normalization with running statistics, dropout and
+    RReLU. A leaf layer from outside PyTorch may read ``self.training`` and is
+    counted; a container is judged by its layers.
     """
-    return isinstance(layer, nn.modules.dropout._DropoutNd) or any(
-        True for _ in layer.buffers(recurse=False)
-    )
+    if isinstance(layer, nn.modules.batchnorm._NormBase):
+        return layer.track_running_stats
+    if isinstance(layer, (nn.modules.dropout._DropoutNd, nn.RReLU)):
+        return True
+    own = not type(layer).__module__.startswith("torch.")
+    return own and next(layer.children(), None) is None

@@ -449,7 +449,18 @@ class FlowMonitor(CurvatureCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> ProbeObjective:
         """The probe loss and the flows, built once (from a checkpoint if resumed)."""
+        self.check_layer_modes(pl_module)
         if self._objective is not None:
+            trainable = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+            if trainable != self._objective.names:
+                self.warn_once(
+                    "trainable-changed",
+                    "FlowMonitor: the module's trainable parameters changed at step "
+                    f"{trainer.global_step}; the flows go on in the parameters that "
+                    "were trainable when they started, so from here on they model "
+                    "a run without the change, and their distances to this run and "
+                    "gd/ quantities are over those parameters.",
+                )
             return self._objective
         assert self.probe is not None
         if self.loss_fn is not None:

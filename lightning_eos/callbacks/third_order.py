@@ -65,10 +65,11 @@ class ThirdOrderMonitor(SharedEigenpairsCallback):
       Damian et al.; the three are kept in checkpoints. The model is local: far
       from :math:`\theta^*` the coordinates describe the displacement, not the
       dynamics. When the set of trainable parameters changes (a layer frozen or
-      unfrozen), :math:`\theta^*` is taken anew at the next point at or above
-      the threshold. The signs of the eigenvectors are kept continuous between
-      measurements, so that :math:`T[u_1, u_1, u_1]` and the other odd entries do
-      not flip with the eigensolver's arbitrary signs;
+      unfrozen, even for another of the same size), :math:`\theta^*` is taken
+      anew at the next point at or above the threshold. The signs of the
+      eigenvectors are kept continuous between measurements, so that
+      :math:`T[u_1, u_1, u_1]` and the other odd entries do not flip with the
+      eigensolver's arbitrary signs;
     * the block-structured derivatives of :math:`t \mapsto L(\theta + \sum_i t_i
       d_i)` (Wolinski 2025; :func:`~lightning_eos.curvature.block_derivatives`)
       for :math:`d` the last update (``block_direction="update"``) or
@@ -189,6 +190,7 @@ class ThirdOrderMonitor(SharedEigenpairsCallback):
         self.reference: Tensor | None = None
         self.reference_step: int | None = None
         self._u_reference: Tensor | None = None
+        self._layout: list[str] | None = None  # the names the references belong to
         self._threshold: float | None = None
         self._before_step: tuple[int, Tensor] | None = None
 
@@ -258,6 +260,11 @@ class ThirdOrderMonitor(SharedEigenpairsCallback):
         step = trainer.global_step
         name = type(self).__name__
         objective = self.objective(trainer, pl_module, normalization="plain")
+        if self._layout is not None and self._layout != objective.names:
+            # The trainable parameters changed (even to as many others): the sign
+            # reference and the (x, y) frame belong to the old ones.
+            self.reference, self.reference_step, self._u_reference = None, None, None
+        self._layout = list(objective.names)
         operator = HessianOperator(objective)
         pairs = self.source.get(trainer, pl_module, operator, self.generator)
         if not pairs.finite:
@@ -275,9 +282,6 @@ class ThirdOrderMonitor(SharedEigenpairsCallback):
         alpha = -float(operator.gradient().double() @ perpendicular)
         beta = float(perpendicular @ perpendicular)
         delta = math.sqrt(2 * alpha / beta) if alpha > 0 and beta > 0 else math.nan
-        if self.reference is not None and self.reference.shape[-1] != theta.numel():
-            # The trainable parameters changed: the old frame has no meaning here.
-            self.reference, self.reference_step = None, None
         if (
             self.reference is None
             and self._threshold is not None
@@ -339,8 +343,6 @@ class ThirdOrderMonitor(SharedEigenpairsCallback):
         """
         vectors = vectors.clone()
         previous = self._u_reference
-        if previous is not None and previous.shape[-1] != vectors.shape[-1]:
-            previous = None  # the trainable parameters changed
         for row in range(vectors.shape[0]):
             u = vectors[row]
             if previous is not None and row < previous.shape[0]:
@@ -375,6 +377,7 @@ class ThirdOrderMonitor(SharedEigenpairsCallback):
             reference=self.reference,
             reference_step=self.reference_step,
             u_reference=self._u_reference,
+            layout=self._layout,
         )
         return state
 
@@ -385,6 +388,7 @@ class ThirdOrderMonitor(SharedEigenpairsCallback):
         self.reference = state_dict["reference"]
         self.reference_step = state_dict["reference_step"]
         self._u_reference = state_dict["u_reference"]
+        self._layout = state_dict.get("layout")
 
 
 def _trainable(module: torch.nn.Module) -> list[Tensor]:

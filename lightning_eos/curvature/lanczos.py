@@ -181,7 +181,9 @@ def warm_start(vectors: Tensor | None, dim: int) -> Tensor | None:
     A callback keeps the eigenvectors of its last solve to start the next one.
     When the trainable parameters change between two solves (a layer frozen or
     unfrozen during training) those vectors have another length: the next solve
-    then starts cold, from random vectors, instead of failing.
+    then starts cold, from random vectors, instead of failing. A change to as
+    many other parameters keeps the vectors as a start block like any other:
+    the solve converges from it all the same, only not faster.
 
     Args:
         vectors: The kept eigenvectors, one per row, or ``None``.

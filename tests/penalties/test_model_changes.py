@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.functional import mse_loss
 
-from lightning_eos.callbacks import SharpnessMonitor, ThirdOrderMonitor
+from lightning_eos.callbacks import FlowMonitor, SharpnessMonitor, ThirdOrderMonitor
 from lightning_eos.curvature import ProbeObjective
 from lightning_eos.penalties import (
     CentralFlowPenalty,
@@ -262,3 +262,64 @@ def test_central_flow_penalty_warns_when_it_cannot_hold_the_sharpness(
         assert record.metrics["sigma2"] == 0 and not record.added
     else:
         assert record.metrics["gradient_ratio"] > 10
+
+
+class SwappedFrozen(Regressor):
+    """Two hidden layers of 42 parameters: the first frozen in epoch 0, then the
+    second instead, so that the count of trainable parameters stays the same."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2)
+        ).double()
+
+    def on_train_epoch_start(self):
+        frozen = self.net[0] if self.current_epoch == 0 else self.net[2]
+        for parameter in self.net.parameters():
+            parameter.requires_grad_(True)
+        for parameter in frozen.parameters():
+            parameter.requires_grad_(False)
+
+
+def test_third_order_frame_is_taken_anew_when_other_parameters_of_the_same_count_train(
+    tmp_path,
+):
+    module = SwappedFrozen()
+    monitor = ThirdOrderMonitor(
+        every_n_steps=1, threshold=1e-3, loss_fn=half_squared_error
+    )
+
+    fit(tmp_path, module, [monitor], steps=3)
+
+    # The swap takes effect for the step-2 measurement, which takes a new frame:
+    # its own displacement is zero, and the next one's is not.
+    assert monitor.reference_step == 2
+    at = {record.step: record for record in monitor.history}
+    assert (at[2].x, at[2].y) == (0.0, 0.0) and at[3].x != 0
+
+
+def test_flow_monitor_warns_when_the_trainable_parameters_change(tmp_path):
+    module = UnfrozenLater()
+    monitor = FlowMonitor(flows=("gradient",), loss_fn=half_squared_error)
+    with pytest.warns(UserWarning, match="trainable parameters changed at step"):
+        fit(tmp_path, module, [monitor], steps=3)
+
+
+class RandomizedActivation(Regressor):
+    """RReLU left in eval mode: its output does depend on the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[1] = nn.RReLU()
+
+    def on_train_epoch_start(self):
+        self.net[1].eval()
+
+
+@pytest.mark.parametrize("make", [FrozenBatchNorm, RandomizedActivation])
+def test_flow_monitor_warns_of_layers_the_module_trains_in_eval_mode(tmp_path, make):
+    monitor = FlowMonitor(flows=("gradient",), loss_fn=half_squared_error)
+    with pytest.warns(UserWarning, match=r"FlowMonitor\(mode='train'\).*net\.1"):
+        fit(tmp_path, make(), [monitor], steps=1)
