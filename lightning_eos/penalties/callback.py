@@ -384,7 +384,8 @@ class PenaltyCallback(CurvatureCallback):
             return
         if trainer.global_step != self._term_step:  # the step's first closure call
             self._term_step = trainer.global_step
-            _, term, result = self._evaluate(trainer, pl_module, trainer.optimizers[0])
+            _, result = self._evaluate(trainer, pl_module, trainer.optimizers[0])
+            term = None if result is None else result.term
             if result is not None and not isinstance(term, PenaltyTerm):
                 raise TypeError(
                     f"{type(self.penalty).__name__}.evaluate returned an active "
@@ -414,7 +415,7 @@ class PenaltyCallback(CurvatureCallback):
     ) -> None:
         if self._through_objective:
             return  # already in the objective (on_after_backward)
-        objective, _, result = self._evaluate(trainer, pl_module, optimizer)
+        objective, result = self._evaluate(trainer, pl_module, optimizer)
         if result is not None:
             self._add_gradient(objective, pl_module, result.gradient)
 
@@ -423,13 +424,12 @@ class PenaltyCallback(CurvatureCallback):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         optimizer: Optimizer,
-    ) -> tuple[ProbeObjective, PenaltyTerm | None, PenaltyResult | None]:
+    ) -> tuple[ProbeObjective, PenaltyResult | None]:
         """Evaluate the penalty at the current parameters, warn, and record it.
 
         Returns:
-            The objective, the penalty's term and its result; the last two are
-            ``None`` when nothing is to be added (an inactive or non-finite
-            penalty).
+            The objective and the penalty's result, ``None`` when nothing is to be
+            added (an inactive or non-finite penalty).
         """
         objective = self._objective(trainer, pl_module)
         result = self.penalty.evaluate(objective, self._step_size(optimizer))
@@ -463,9 +463,7 @@ class PenaltyCallback(CurvatureCallback):
         if trainer.global_step != self._recorded_step:  # first closure call of a step
             self._recorded_step = trainer.global_step
             self._record(trainer, result, added)
-        if not added:
-            return objective, None, None
-        return objective, result.term, result
+        return objective, result if added else None
 
     @override
     def teardown(

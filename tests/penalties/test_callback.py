@@ -180,14 +180,8 @@ class LBFGSRegressor(Regressor):
         )
 
 
-def test_closure_optimizer_receives_the_penalty_at_every_evaluation(tmp_path):
-    """LBFGS through Lightning + penalty equals LBFGS on L + P written by hand."""
-    torch.manual_seed(0)
-    module = LBFGSRegressor()
-    reference = copy.deepcopy(module)
-    callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
-    fit(tmp_path, module, [callback], steps=2)
-
+def step_by_hand(reference, steps):
+    """Step ``reference``'s optimizer on L + (0.3/4)‖∇L‖² written by hand."""
     inputs, targets = regression_data().tensors
     optimizer = reference.configure_optimizers()
 
@@ -199,8 +193,19 @@ def test_closure_optimizer_receives_the_penalty_at_every_evaluation(tmp_path):
         (loss + penalty).backward()
         return loss
 
-    for _ in range(2):
+    for _ in range(steps):
         optimizer.step(closure)
+
+
+def test_closure_optimizer_receives_the_penalty_at_every_evaluation(tmp_path):
+    """LBFGS through Lightning + penalty equals LBFGS on L + P written by hand."""
+    torch.manual_seed(0)
+    module = LBFGSRegressor()
+    reference = copy.deepcopy(module)
+    callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
+    fit(tmp_path, module, [callback], steps=2)
+
+    step_by_hand(reference, steps=2)
     torch.testing.assert_close(flat(module), flat(reference), rtol=1e-9, atol=1e-12)
     assert len(callback.history) == 2
     assert callback.num_evaluations == 2 * 4  # one per closure call
@@ -224,19 +229,7 @@ def test_sam_family_receives_the_penalty_at_both_points(tmp_path, optimizer_clas
     callback = PenaltyCallback(GradientNormPenalty(0.3), loss_fn=half_squared_error)
     fit(tmp_path, module, [callback], steps=3)
 
-    inputs, targets = regression_data().tensors
-    optimizer = reference.configure_optimizers()
-
-    def closure():
-        optimizer.zero_grad()
-        loss = half_squared_error(reference(inputs), targets)
-        gradients = torch.autograd.grad(loss, reference.parameters(), create_graph=True)
-        penalty = 0.3 / 4 * sum(g.square().sum() for g in gradients)
-        (loss + penalty).backward()
-        return loss
-
-    for _ in range(3):
-        optimizer.step(closure)
+    step_by_hand(reference, steps=3)
     torch.testing.assert_close(flat(module), flat(reference), rtol=1e-9, atol=1e-12)
     assert callback.num_evaluations == 2 * 3  # the clean and the perturbed point
 
